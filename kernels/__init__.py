@@ -1,0 +1,113 @@
+"""Tachyon's fused ops: each runs a hand-written Triton kernel or its PyTorch reference.
+
+`from kernels import rms_norm, qk_norm_rope, swiglu, router_topk, moe_experts` works without
+importing `tachyon`. The backend is chosen here and only here: `auto` (Triton for CUDA tensors,
+the reference otherwise), `triton` or `reference`, from $TACHYON_KERNELS or `kernels.use(...)`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run through Triton's interpreter; it must be chosen
+    # before `triton` is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import moe as _moe  # noqa: E402
+from . import rmsnorm as _rmsnorm  # noqa: E402
+from . import rope as _rope  # noqa: E402
+from . import router as _router  # noqa: E402
+from . import swiglu as _swiglu  # noqa: E402
+from ._backend import BACKENDS, get_backend, set_backend, use, use_triton  # noqa: E402
+from .modules import RMSNorm, SwiGLU  # noqa: E402
+from .moe import moe_experts_reference  # noqa: E402
+from .rmsnorm import rms_norm_reference  # noqa: E402
+from .rope import qk_norm_rope_reference, rope_reference  # noqa: E402
+from .router import router_topk_reference  # noqa: E402
+from .swiglu import swiglu_reference  # noqa: E402
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`x * rsqrt(mean(x^2) + eps) * weight` over the last dim, statistics in fp32."""
+    if use_triton(x):
+        return _rmsnorm.rms_norm(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE on q (B, T, H, D) and k (B, T, Hkv, D) at positions offset..offset+T-1."""
+    if use_triton(q):
+        return _rope.rope(q, k, cos, sin, offset)
+    return rope_reference(q, k, cos, sin, offset)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offset: int = 0,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k over head_dim, then RoPE: what attention uses."""
+    if use_triton(q):
+        return _rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, offset, eps)
+    return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, offset, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up`, elementwise."""
+    if use_triton(gate):
+        return _swiglu.swiglu(gate, up)
+    return swiglu_reference(gate, up)
+
+
+def router_topk(
+    logits: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over experts, top-k, renormalise.
+
+    Returns (weights fp32 (T, k), ids int32 (T, k), counts int32 (E,), logsumexp fp32 (T,)).
+    """
+    if use_triton(logits):
+        return _router.router_topk(logits, k)
+    return router_topk_reference(logits, k)
+
+
+def moe_experts(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """Dropless routed-expert SwiGLU FFN: x (T, d), ids/weights (T, k), w13 (E, d, 2f), w2 (E, f, d)."""
+    if use_triton(x):
+        return _moe.moe_experts(x, ids, weights, w13, w2)
+    return moe_experts_reference(x, ids, weights, w13, w2)
+
+
+__all__ = [
+    "BACKENDS",
+    "RMSNorm",
+    "SwiGLU",
+    "get_backend",
+    "moe_experts",
+    "moe_experts_reference",
+    "qk_norm_rope",
+    "qk_norm_rope_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope",
+    "rope_reference",
+    "router_topk",
+    "router_topk_reference",
+    "set_backend",
+    "swiglu",
+    "swiglu_reference",
+    "use",
+    "use_triton",
+]

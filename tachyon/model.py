@@ -1,0 +1,106 @@
+"""TachyonLM: token embedding, pre-norm blocks (GQA attention + MoE FFN), tied output head, loss."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
+from .moe import MoE, RouterStats
+
+IGNORE_INDEX = -100  # targets with this id (padding) add nothing to the loss
+
+
+class ModelOutput(NamedTuple):
+    """Logits and the loss broken into its parts (losses are None without targets)."""
+
+    logits: torch.Tensor | None  # (B, T, V)
+    loss: torch.Tensor | None  # ce + z_loss + balance_loss
+    ce: torch.Tensor | None
+    z_loss: torch.Tensor | None
+    balance_loss: torch.Tensor | None
+    expert_fraction: torch.Tensor  # (n_layers, E): share of routed assignments per expert
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + moe(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.moe = MoE(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, mask))
+        ffn, stats = self.moe(self.ffn_norm(x))
+        return x + self.dropout(ffn), stats
+
+
+class TachyonLM(nn.Module):
+    """The Tachyon MoE decoder. `model(idx, targets)` returns a ModelOutput."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "shared.w2.weight")):
+                nn.init.normal_(p, std=residual_std)
+            elif name.endswith("moe.w2"):
+                nn.init.normal_(p, std=residual_std)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, mask: torch.Tensor | None = None) -> ModelOutput:
+        """idx (B, T) token ids; targets (B, T) with IGNORE_INDEX for positions not scored.
+
+        With `caches` (one KVCache per layer) idx holds only the new positions; mask (B, S)
+        marks attendable key positions when prompts are padded.
+        """
+        T = idx.shape[1]
+        start = 0 if caches is None else caches[0].length
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.embed(idx)  # (B, T, d)
+        stats = []
+        for i, block in enumerate(self.blocks):
+            cache = None if caches is None else caches[i]
+            if self.gradient_checkpointing and self.training:
+                x, s = checkpoint(block, x, self.rotary, cache, mask, use_reentrant=False)
+            else:
+                x, s = block(x, self.rotary, cache, mask)
+            stats.append(s)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight)  # (B, T, V), tied head
+        fraction = torch.stack([s.expert_fraction for s in stats])
+        if targets is None:
+            return ModelOutput(logits, None, None, None, None, fraction)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        z_loss = torch.stack([s.z_loss for s in stats]).sum()
+        balance = torch.stack([s.balance_loss for s in stats]).sum()
+        return ModelOutput(logits, ce + z_loss + balance, ce, z_loss, balance, fraction)
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """Empty KV caches, one per layer, for `batch` sequences of up to `max_len` positions."""
+        c, p = self.config, self.embed.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return [KVCache(batch, max_len, c.n_kv_heads, c.head_dim, p.device, dtype) for _ in range(c.n_layers)]
