@@ -1,0 +1,7 @@
+"""Tachyon: Mixture-of-Experts language-model pretraining with fused Triton kernels."""
+
+from .config import PRESETS, ModelConfig
+from .model import TachyonLM
+
+__version__ = "0.1.0"
+__all__ = ["PRESETS", "ModelConfig", "TachyonLM", "__version__"]
