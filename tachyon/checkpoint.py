@@ -1,0 +1,177 @@
+"""Checkpoints: atomic save, keep-last-N, load with key clean-up, resume lookup, safetensors export.
+
+One file per save, `checkpoint_<step>.pt` in the run directory, written under a temporary name
+and renamed, so a run that dies mid-save never leaves a damaged or half-written checkpoint.
+`python -m tachyon.checkpoint export CKPT OUT.safetensors` writes the model weights alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import TachyonError
+from .model import TachyonLM
+
+_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes wherever they occur."""
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.replace(prefix, "")
+        cleaned[key] = value
+    return cleaned
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint files, oldest step first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint in `run_dir`, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write `state` to run_dir/checkpoint_<step>.pt atomically, then keep only the newest `keep_last`.
+
+    `state` holds at least 'model' (a state dict) and 'config' (a ModelConfig); model keys are
+    cleaned of wrapper prefixes and the config is stored as a plain dict.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = dict(state, step=step, model=clean_state_dict(state["model"]))
+    if isinstance(payload["config"], ModelConfig):
+        payload["config"] = dataclasses.asdict(payload["config"])
+    path = run_dir / f"checkpoint_{step}.pt"
+    tmp = run_dir / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by save_checkpoint (or the original trainer) with clean model keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise TachyonError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
+        raise TachyonError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise TachyonError(f"{path} is not a Tachyon checkpoint (no 'model' entry)")
+    ckpt["model"] = clean_state_dict(ckpt["model"])
+    return ckpt
+
+
+def config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a stored dict, ignoring fields this version does not know."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TachyonLM, dict[str, Any]]:
+    """A TachyonLM from a .pt checkpoint or a .safetensors export, and the file's metadata.
+
+    The metadata holds at least 'config' (dict) and, when recorded, 'tokenizer_path'.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+    else:
+        ckpt = load_checkpoint(path)
+        state = ckpt.pop("model")
+        meta = {k: v for k, v in ckpt.items() if k in ("config", "tokenizer_path", "tokenizer_sha256", "step")}
+    if "config" not in meta:
+        raise TachyonError(f"{path} records no model config")
+    model = TachyonLM(config_from_dict(meta["config"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise TachyonError(f"{path} does not match the model it describes: {first}") from None
+    return model.to(device), meta
+
+
+def export_safetensors(ckpt_path: str | Path, out_path: str | Path) -> Path:
+    """Write the model weights of a checkpoint (plus config and tokenizer path) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    ckpt = load_checkpoint(ckpt_path)
+    meta = {"config": json.dumps(ckpt["config"])}
+    for key in ("tokenizer_path", "tokenizer_sha256", "step"):
+        if ckpt.get(key) is not None:
+            meta[key] = str(ckpt[key])
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in ckpt["model"].items()}, str(tmp), metadata=meta)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise TachyonError(f"cannot read {path}: {e}") from None
+    meta: dict[str, Any] = dict(raw)
+    if "config" in meta:
+        meta["config"] = json.loads(meta["config"])
+    return clean_state_dict(state), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tachyon.checkpoint", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a checkpoint's model weights to a .safetensors file")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        out = export_safetensors(args.checkpoint, args.out)
+    except TachyonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
