@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .errors import TachyonError
 from .model import TachyonLM
 
+DEFAULT_RUN_DIR = Path("runs") / "default"  # where `python -m tachyon.train` with no arguments saves
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
