@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def router_topk_reference(
@@ -26,5 +28,199 @@ def router_topk_reference(
     return weights, order.to(torch.int32), counts, lse
 
 
-def router_topk(logits, k):
-    raise NotImplementedError("Triton router_topk lands with issue 7")
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _router_topk_fwd_kernel(
+    logits_ptr,  # (T, E) router logits, any float dtype, read through strides
+    weights_ptr,  # (T, k) fp32 out: renormalised top-k probabilities, best first
+    ids_ptr,  # (T, k) int32 out: the chosen expert ids, best first
+    counts_ptr,  # (E,) int32 in/out: zero-initialised histogram of chosen ids, atomically added
+    lse_ptr,  # (T,) fp32 out: logsumexp of each row (for the z-loss and the backward)
+    num_tokens,  # T
+    num_experts,  # E
+    top_k,  # k, 1 <= k <= E
+    stride_lt,  # logits stride between rows
+    stride_le,  # logits stride between experts
+    BLOCK_T: tl.constexpr,  # rows per program
+    BLOCK_E: tl.constexpr,  # next power of two >= E: one program holds whole rows
+    BLOCK_K: tl.constexpr,  # next power of two >= k: the (BLOCK_T, BLOCK_K) output tile
+):
+    """Softmax statistics, k rounds of arg-max (ties to the lower id), renormalise, histogram."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, BLOCK_K)
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    valid = row_ok[:, None] & col_ok[None, :]
+    ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :] * stride_le
+    logit = tl.load(ptrs, mask=valid, other=float("-inf")).to(tl.float32)
+    logit = tl.where(row_ok[:, None], logit, 0.0)  # padded rows: keep the arithmetic finite
+
+    row_max = tl.max(logit, axis=1)
+    lse = row_max + tl.log(tl.sum(tl.exp(logit - row_max[:, None]), axis=1))
+    prob = tl.exp(logit - lse[:, None])
+
+    # k rounds of "largest remaining logit, lowest id among equals". Selecting on the logits
+    # (monotone in the probabilities) keeps the order exact where fp32 probabilities would tie.
+    taken = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32) != 0  # experts already chosen per row
+    top_p = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    top_id = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    for j in range(top_k):
+        cand = valid & ~taken
+        best = tl.max(tl.where(cand, logit, float("-inf")), axis=1)
+        hit = cand & (logit == best[:, None])
+        idx = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
+        sel = cols[None, :] == idx[:, None]
+        p_j = tl.sum(tl.where(sel, prob, 0.0), axis=1)
+        top_p = tl.where(kcols[None, :] == j, p_j[:, None], top_p)
+        top_id = tl.where(kcols[None, :] == j, idx[:, None], top_id)
+        taken = taken | sel
+
+    weights = top_p / tl.where(row_ok, tl.sum(top_p, axis=1), 1.0)[:, None]
+    out_ok = row_ok[:, None] & (kcols[None, :] < top_k)
+    out_off = rows[:, None].to(tl.int64) * top_k + kcols[None, :]
+    tl.store(weights_ptr + out_off, weights, mask=out_ok)
+    tl.store(ids_ptr + out_off, top_id, mask=out_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    hist = tl.sum((taken & valid).to(tl.int32), axis=0)  # this block's share of each expert
+    tl.atomic_add(counts_ptr + cols, hist, mask=col_ok)
+
+
+@triton.jit
+def _router_topk_bwd_kernel(
+    logits_ptr,  # (T, E) router logits (recomputes the softmax instead of saving it)
+    lse_ptr,  # (T,) fp32 logsumexp saved by the forward
+    weights_ptr,  # (T, k) fp32 renormalised weights saved by the forward
+    ids_ptr,  # (T, k) int32 chosen ids saved by the forward
+    dweights_ptr,  # (T, k) fp32 gradient of the weights
+    dlse_ptr,  # (T,) fp32 gradient of the logsumexp
+    dlogits_ptr,  # (T, E) out, contiguous, in the logits' dtype
+    num_tokens,  # T
+    num_experts,  # E
+    top_k,  # k
+    stride_lt,  # logits stride between rows
+    stride_le,  # logits stride between experts
+    BLOCK_T: tl.constexpr,  # rows per program
+    BLOCK_E: tl.constexpr,  # next power of two >= E
+    BLOCK_K: tl.constexpr,  # next power of two >= k
+):
+    """dlogits = dlse * softmax + scatter(ids, w * (dw - sum(w * dw))).
+
+    The renormalised weights are a softmax over the chosen logits alone (the full softmax's
+    normaliser cancels), so their Jacobian only touches the k chosen columns.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, BLOCK_K)
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    valid = row_ok[:, None] & col_ok[None, :]
+    logit = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :] * stride_le,
+                    mask=valid, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    dlse = tl.load(dlse_ptr + rows, mask=row_ok, other=0.0)
+    grad = dlse[:, None] * tl.exp(logit - lse[:, None])
+
+    k_ok = row_ok[:, None] & (kcols[None, :] < top_k)
+    k_off = rows[:, None].to(tl.int64) * top_k + kcols[None, :]
+    w = tl.load(weights_ptr + k_off, mask=k_ok, other=0.0)
+    dw = tl.load(dweights_ptr + k_off, mask=k_ok, other=0.0)
+    ids = tl.load(ids_ptr + k_off, mask=k_ok, other=-1)
+    g = w * (dw - tl.sum(w * dw, axis=1)[:, None])
+    for j in range(top_k):
+        id_j = tl.sum(tl.where(kcols[None, :] == j, ids, 0), axis=1)
+        g_j = tl.sum(tl.where(kcols[None, :] == j, g, 0.0), axis=1)
+        grad += tl.where(cols[None, :] == id_j[:, None], g_j[:, None], 0.0)
+    out = dlogits_ptr + rows[:, None].to(tl.int64) * num_experts + cols[None, :]
+    tl.store(out, grad.to(dlogits_ptr.dtype.element_ty), mask=valid)
+
+
+def _blocks(num_experts: int, top_k: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_E, BLOCK_K): whole rows per program, about 4k elements per tile."""
+    block_e = triton.next_power_of_2(num_experts)
+    block_k = triton.next_power_of_2(top_k)
+    return max(1, min(128, 4096 // block_e)), block_e, block_k
+
+
+# --------------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kernels::router_topk", mutates_args=())
+def _router_topk_op(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton forward: one launch computes weights, ids, counts and logsumexp."""
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, k, dtype=torch.int32, device=logits.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
+    lse = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
+    if num_tokens:
+        block_t, block_e, block_k = _blocks(num_experts, k)
+        _router_topk_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
+            logits, weights, ids, counts, lse, num_tokens, num_experts, k,
+            logits.stride(0), logits.stride(1), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+        )
+    return weights, ids, counts, lse
+
+
+@_router_topk_op.register_fake
+def _(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = logits.shape
+    return (logits.new_empty(num_tokens, k, dtype=torch.float32), logits.new_empty(num_tokens, k, dtype=torch.int32),
+            logits.new_empty(num_experts, dtype=torch.int32), logits.new_empty(num_tokens, dtype=torch.float32))
+
+
+@torch.library.custom_op("kernels::router_topk_bwd", mutates_args=())
+def _router_topk_bwd_op(dweights: torch.Tensor, dlse: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor,
+                        ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The Triton backward: gradient of the logits from the weights' and logsumexp's gradients."""
+    num_tokens, num_experts = logits.shape
+    k = ids.shape[1]
+    dlogits = torch.empty(num_tokens, num_experts, dtype=logits.dtype, device=logits.device)
+    if num_tokens:
+        block_t, block_e, block_k = _blocks(num_experts, k)
+        _router_topk_bwd_kernel[(triton.cdiv(num_tokens, block_t),)](
+            logits, lse, weights, ids, dweights.float().contiguous(), dlse.float().contiguous(), dlogits,
+            num_tokens, num_experts, k, logits.stride(0), logits.stride(1),
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+        )
+    return dlogits
+
+
+@_router_topk_bwd_op.register_fake
+def _(dweights: torch.Tensor, dlse: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor,
+      ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, _ = inputs
+    weights, ids, counts, lse = output
+    ctx.mark_non_differentiable(ids, counts)
+    ctx.save_for_backward(logits, weights, ids, lse)
+
+
+def _backward(ctx, dweights, dids, dcounts, dlse):
+    logits, weights, ids, lse = ctx.saved_tensors
+    dweights = torch.zeros_like(weights) if dweights is None else dweights
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    return _router_topk_bwd_op(dweights, dlse, logits, weights, ids, lse), None
+
+
+_router_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def router_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton `router_topk`: logits (T, E) -> weights (T, k) fp32, ids (T, k) int32, counts (E,) int32,
+    logsumexp (T,) fp32; differentiable through the weights and the logsumexp."""
+    num_experts = logits.shape[-1]
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"top-k must be in [1, {num_experts}], got {k}")
+    return _router_topk_op(logits, k)
