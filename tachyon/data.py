@@ -1,0 +1,628 @@
+"""Training data: the memory-mapped shard reader, `prepare`, `download`, and the embedded default corpus.
+
+Shards are `shard_NNNNN.npy`, 2-D (rows, width) integer arrays (int32; uint16 and int64 accepted) with
+end-of-text id 0 between documents and pad id 1 filling the last row: the layout of the original
+PreprocessedMIXED dataset, so its files train here unchanged.
+
+    python -m tachyon.data prepare --tokenizer T --input PATH... --out DIR --seq-len 2048
+    python -m tachyon.data download --repo SuperGoatScriptGuy/PreprocessedMIXED --shards 0-49 --out ./data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import sysconfig
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TachyonError
+from .model import IGNORE_INDEX
+from .tokenizer import load_tokenizer, train_bpe
+
+SHARD_GLOB = "shard_*.npy"
+SPLIT_SEED = 1234  # the val/train split is a property of the data, not of a run's --seed
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+DEFAULT_VERSION = "1"  # bump when the embedded corpus or its tokenizer recipe changes: caches rebuild
+DEFAULT_VOCAB = 8192
+DEFAULT_MAX_MB_ENV = "TACHYON_DEFAULT_MB"  # caps the embedded corpus (tests set it small)
+DEFAULT_MAX_MB = 16.0  # the whole standard library without its tests: about 13 MB, 3M tokens
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard `index`, as in the original dataset."""
+    return f"shard_{index:05d}.npy"
+
+
+def cache_dir() -> Path:
+    """Where the embedded default is cached: $TACHYON_CACHE, else ~/.cache/tachyon."""
+    return Path(os.environ.get("TACHYON_CACHE") or Path.home() / ".cache" / "tachyon").expanduser()
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` via a temp name and a rename, so a killed write never leaves a complete-looking file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- reading shards
+
+
+def find_shards(data_dir: str | Path) -> list[Path]:
+    """The `shard_*.npy` files of a data dir, sorted by name.
+
+    A folder laid out by a hub download (files one level down, e.g. a `snapshots/<rev>/` folder) is accepted
+    when exactly one sub-folder holds shards.
+    """
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise TachyonError(f"data dir {data_dir} does not exist; pass --data-dir with a folder of {SHARD_GLOB} files "
+                           "(make one with `python -m tachyon.data prepare` or `download`)")
+    shards = sorted(data_dir.glob(SHARD_GLOB))
+    if not shards:
+        found = sorted(data_dir.rglob(SHARD_GLOB))
+        parents = sorted({p.parent for p in found})
+        if len(parents) > 1:
+            raise TachyonError(f"data dir {data_dir} has {SHARD_GLOB} files in several folders "
+                               f"({', '.join(str(p) for p in parents[:3])}); pass one of them as --data-dir")
+        shards = found
+    if not shards:
+        raise TachyonError(f"data dir {data_dir} has no {SHARD_GLOB} files; make some with "
+                           "`python -m tachyon.data prepare` or `download`, or point --data-dir at them")
+    return shards
+
+
+def open_shard(path: Path) -> np.ndarray:
+    """Memory-map one shard (only its header is read) and check that it is a 2-D integer array."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # truncated data, a bad header, a pickle, not an .npy at all
+        raise TachyonError(f"shard {path} is truncated or not a valid .npy file ({exc}); "
+                           "re-download or re-prepare it, or move it out of the data dir") from None
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TachyonError(f"shard {path} holds {array.dtype} values, not token ids; shards must be integer "
+                           "(int32, uint16 or int64) arrays")
+    if array.ndim != 2:
+        raise TachyonError(f"shard {path} is {array.ndim}-D with shape {array.shape}; shards must be 2-D "
+                           "(rows, seq_len) arrays, as written by `python -m tachyon.data prepare`")
+    return array
+
+
+class BatchLoader:
+    """Infinite (inputs, targets) batches from memory-mapped shards in a seeded order that any worker count repeats.
+
+    Every (shard, row, window) is an item; a row of width W gives W // seq_len windows. The split (train/val)
+    is a fixed set of items; each epoch walks a permutation of it drawn with `seed + epoch`, and batches take
+    consecutive runs of that walk (crossing into the next epoch when one ends). The position is one number of
+    items consumed, so `state_dict()` resumes at exactly the next unseen batch, even with another batch size.
+    Workers (threads) only read ahead; they never change what comes out.
+    """
+
+    def __init__(self, data_dir: str | Path, *, batch_size: int, seq_len: int, seed: int = 42, num_workers: int = 0,
+                 vocab_size: int | None = None, device: str | torch.device = "cpu", split: str = "train",
+                 val_fraction: float = 0.0, val_shards: int = 0, pad_id: int = 1):
+        if batch_size < 1 or seq_len < 2:
+            raise TachyonError(f"batch size must be >= 1 and seq-len >= 2 (got {batch_size} and {seq_len})")
+        if split not in ("train", "val"):
+            raise TachyonError(f"split must be 'train' or 'val', not {split!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise TachyonError(f"--val-fraction must be in [0, 1), not {val_fraction}")
+        self.paths = find_shards(data_dir)
+        self._shards = [open_shard(p) for p in self.paths]
+        widths = {a.shape[1] for a in self._shards}
+        if len(widths) > 1:
+            first = self._shards[0].shape[1]
+            odd = next(p for p, a in zip(self.paths, self._shards, strict=True) if a.shape[1] != first)
+            raise TachyonError(f"shards in {Path(data_dir)} have different widths ({sorted(widths)}), e.g. "
+                               f"{self.paths[0].name} is {first} wide but {odd.name} is not; "
+                               "keep shards of one seq_len per data dir")
+        self.width = widths.pop()
+        if seq_len > self.width:
+            raise TachyonError(f"seq-len {seq_len} is longer than the shard rows ({self.width} tokens in "
+                               f"{self.paths[0]}); use --seq-len {self.width} or less, or re-prepare with a longer one")
+        self.batch_size, self.seq_len, self.seed, self.split = batch_size, seq_len, seed, split
+        self.vocab_size, self.pad_id, self.device = vocab_size, pad_id, torch.device(device)
+        self.tokens_per_batch = batch_size * seq_len
+        self.windows_per_row = self.width // seq_len
+        counts = [a.shape[0] * self.windows_per_row for a in self._shards]
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.items = self._split_items(split, val_fraction, val_shards, data_dir)
+        self.num_items = len(self.items)
+        self._consumed = 0  # items handed out so far, across epochs: epoch * num_items + position
+        self._planned = 0  # items already submitted to the read-ahead queue
+        self._perms: dict[int, np.ndarray] = {}
+        self.num_workers = num_workers
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tachyon-data") if num_workers > 0 else None
+        self._queue: deque[Future] = deque()
+
+    def _split_items(self, split: str, val_fraction: float, val_shards: int, data_dir: str | Path) -> np.ndarray:
+        total = int(self._offsets[-1])
+        if val_shards > 0:
+            if val_shards >= len(self.paths) and split == "train":
+                raise TachyonError(f"--val-shards {val_shards} leaves no training shards ({len(self.paths)} in "
+                                   f"{data_dir}); use fewer validation shards")
+            cut = int(self._offsets[max(len(self.paths) - val_shards, 0)])
+            items = np.arange(cut, total) if split == "val" else np.arange(0, cut)
+        elif val_fraction > 0:
+            order = np.random.default_rng(SPLIT_SEED).permutation(total)
+            n_val = int(total * val_fraction)
+            items = np.sort(order[total - n_val:] if split == "val" else order[: total - n_val])
+        else:
+            items = np.arange(total) if split == "train" else np.arange(0)
+        if len(items) == 0:
+            if split == "val":
+                raise TachyonError(f"the validation split of {data_dir} is empty ({total} windows of {self.seq_len} "
+                                   "tokens); pass --val-fraction (e.g. 0.01) or --val-shards N with enough data")
+            raise TachyonError(f"{data_dir} has no windows of {self.seq_len} tokens to train on; add data")
+        return items.astype(np.int64)
+
+    # -- order
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng(self.seed + epoch).permutation(self.num_items)
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm
+        return perm
+
+    def _plan(self, start: int) -> np.ndarray:
+        """The item ids of the batch whose first item is number `start` of the endless walk."""
+        parts, pos, need = [], start, self.batch_size
+        while need:
+            epoch, offset = divmod(pos, self.num_items)
+            take = min(need, self.num_items - offset)
+            parts.append(self.items[self._perm(epoch)[offset:offset + take]])
+            pos, need = pos + take, need - take
+        return np.concatenate(parts)
+
+    # -- reading
+
+    def _read(self, item_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy the windows out of the memory maps, check the ids, and build shifted targets (CPU, maybe pinned)."""
+        shard_idx = np.searchsorted(self._offsets, item_ids, side="right") - 1
+        rows, windows = np.divmod(item_ids - self._offsets[shard_idx], self.windows_per_row)
+        T = self.seq_len
+        buf = np.empty((len(item_ids), T), dtype=np.int64)
+        for b, (s, r, w) in enumerate(zip(shard_idx, rows, windows, strict=True)):
+            buf[b] = self._shards[s][r, w * T:(w + 1) * T]
+        self._check_ids(buf, shard_idx)
+        inputs = torch.from_numpy(buf)
+        targets = torch.full_like(inputs, IGNORE_INDEX)
+        targets[:, :-1] = inputs[:, 1:]
+        targets[targets == self.pad_id] = IGNORE_INDEX
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets
+
+    def _check_ids(self, buf: np.ndarray, shard_idx: np.ndarray) -> None:
+        """Cheap per-batch check on the CPU, so a bad id is a clear error and never a CUDA device-side assert."""
+        lo, hi = int(buf.min()), int(buf.max())
+        if lo < 0:
+            path = self.paths[shard_idx[int(np.argmin(buf.min(axis=1)))]]
+            raise TachyonError(f"shard {path} holds a negative token id ({lo}); the shard is corrupt, re-prepare it")
+        if self.vocab_size is not None and hi >= self.vocab_size:
+            path = self.paths[shard_idx[int(np.argmax(buf.max(axis=1)))]]
+            raise TachyonError(f"shard {path} holds token id {hi} but the model's vocab_size is {self.vocab_size}; "
+                               "use the tokenizer these shards were made with (--tokenizer) or a larger vocab")
+
+    # -- iteration
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (inputs, targets) pair, each (batch_size, seq_len) int64 on the loader's device."""
+        if self._pool is None:
+            inputs, targets = self._read(self._plan(self._consumed))
+        else:
+            while len(self._queue) < 2 * self.num_workers:
+                self._queue.append(self._pool.submit(self._read, self._plan(self._planned)))
+                self._planned += self.batch_size
+            inputs, targets = self._queue.popleft().result()
+        self._consumed += self.batch_size
+        if self.device.type != "cpu":
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+        return inputs, targets
+
+    @property
+    def epoch(self) -> int:
+        """How many full passes over the split have been handed out."""
+        return self._consumed // self.num_items
+
+    def state_dict(self) -> dict:
+        """The reader's position (epoch, position within it) and what it depends on, for checkpoints."""
+        epoch, position = divmod(self._consumed, self.num_items)
+        return {"epoch": epoch, "position": position, "seed": self.seed, "num_items": self.num_items,
+                "seq_len": self.seq_len, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position: the next batch is the first one not yet seen. Adopts the saved seed."""
+        if state.get("num_items", self.num_items) != self.num_items or state.get("seq_len", self.seq_len) != \
+                self.seq_len:
+            raise TachyonError(f"the saved data position is for {state.get('num_items')} windows of "
+                               f"{state.get('seq_len')} tokens but this data has {self.num_items} of {self.seq_len}; "
+                               "resume with the same --data-dir, --seq-len and validation split")
+        self._drain()
+        self.seed = int(state.get("seed", self.seed))
+        self._perms.clear()
+        self._consumed = self._planned = int(state["epoch"]) * self.num_items + int(state["position"])
+
+    def _drain(self) -> None:
+        while self._queue:
+            future = self._queue.popleft()
+            if not future.cancel():
+                future.exception()  # wait; an error in a batch never handed out is not the caller's problem
+        self._planned = self._consumed
+
+    def close(self) -> None:
+        """Stop the read-ahead threads and drop the memory maps."""
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._shards = []
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- writing shards
+
+
+class ShardWriter:
+    """Packs documents, each followed by end-of-text, into fixed rows and writes them as numbered shards.
+
+    Shards already in `out_dir` with the expected shape are kept, not rewritten, so an interrupted `prepare`
+    run restarts where it stopped. `meta.json` is written last: its presence means the set is complete.
+    """
+
+    def __init__(self, out_dir: Path, seq_len: int, shard_rows: int, eot_id: int, pad_id: int,
+                 dtype: np.dtype = np.int32):
+        self.out_dir, self.seq_len, self.shard_rows = out_dir, seq_len, shard_rows
+        self.eot_id, self.pad_id, self.dtype = eot_id, pad_id, np.dtype(dtype)
+        self._pending: list[np.ndarray] = []  # token chunks not yet written
+        self._pending_len = 0
+        self.n_shards = self.n_tokens = self.n_docs = self.kept = 0
+
+    def add(self, ids: list[int]) -> None:
+        """Append one document (and an end-of-text after it)."""
+        if not ids:
+            return
+        chunk = np.empty(len(ids) + 1, dtype=self.dtype)
+        chunk[:-1] = ids
+        chunk[-1] = self.eot_id
+        self._pending.append(chunk)
+        self._pending_len += len(chunk)
+        self.n_tokens += len(chunk)
+        self.n_docs += 1
+        if self._pending_len >= self.seq_len * self.shard_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        flat = np.concatenate(self._pending) if self._pending else np.empty(0, self.dtype)
+        per_shard = self.seq_len * self.shard_rows
+        start = 0
+        while len(flat) - start >= per_shard:
+            self._write(flat[start:start + per_shard].reshape(self.shard_rows, self.seq_len))
+            start += per_shard
+        rest = flat[start:]
+        if final and len(rest):
+            rows = -(-len(rest) // self.seq_len)
+            last = np.full(rows * self.seq_len, self.pad_id, dtype=self.dtype)
+            last[: len(rest)] = rest
+            self._write(last.reshape(rows, self.seq_len))
+            rest = rest[:0]
+        self._pending, self._pending_len = ([rest] if len(rest) else []), len(rest)
+
+    def _write(self, rows: np.ndarray) -> None:
+        path = self.out_dir / shard_name(self.n_shards)
+        self.n_shards += 1
+        if path.exists():
+            try:
+                old = np.load(path, mmap_mode="r")
+                if old.shape == rows.shape and old.dtype == rows.dtype:
+                    self.kept += 1
+                    return
+            except Exception:
+                pass  # damaged: write it again
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npy(path, np.ascontiguousarray(rows))
+
+    def finish(self, meta: dict) -> dict:
+        """Write the last (padded) shard and meta.json; returns the metadata written."""
+        self._flush(final=True)
+        meta = {**meta, "seq_len": self.seq_len, "shard_rows": self.shard_rows, "dtype": self.dtype.name,
+                "num_shards": self.n_shards, "num_tokens": self.n_tokens, "num_documents": self.n_docs,
+                "eot_id": self.eot_id, "pad_id": self.pad_id}
+        _atomic_write_json(self.out_dir / "meta.json", meta)
+        return meta
+
+
+def _text_files(inputs: Iterable[str | Path]) -> list[Path]:
+    files = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not found:
+                raise TachyonError(f"input folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
+            files += found
+        elif path.is_file():
+            if path.suffix not in TEXT_SUFFIXES:
+                raise TachyonError(f"input {path} is not a {'/'.join(TEXT_SUFFIXES)} file")
+            files.append(path)
+        else:
+            raise TachyonError(f"input {path} does not exist; pass --input with text files or folders")
+    return files
+
+
+def _documents(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of one file: the whole file for .txt/.md, one per line's `text_field` for .jsonl."""
+    if path.suffix != ".jsonl":
+        yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TachyonError(f"{path}:{n} is not valid JSON ({exc.msg}); .jsonl files need one JSON object "
+                                   "per line") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if isinstance(text, str):
+                yield text
+
+
+def prepare(tokenizer: str | Path, inputs: list[str | Path], out: str | Path, seq_len: int = 2048,
+            shard_rows: int | None = None, text_field: str = "text", batch_chars: int = 4_000_000,
+            log: Callable[[str], None] = print) -> dict:
+    """Tokenize text files into shards: documents joined by end-of-text, packed into rows of `seq_len`.
+
+    `shard_rows` defaults to about 20M tokens per shard, as in the original dataset. Encoding runs in batches
+    through the tokenizer's parallel encoder. Restartable: shards already written are kept.
+    """
+    from tqdm import tqdm
+
+    tok = load_tokenizer(tokenizer)
+    files = _text_files(inputs)
+    total_bytes = sum(p.stat().st_size for p in files)
+    if total_bytes == 0:
+        raise TachyonError(f"the inputs ({', '.join(str(p) for p in files[:3])}) hold no text; nothing to prepare")
+    out = Path(out)
+    shard_rows = shard_rows or max(1, 20_000_000 // seq_len)
+    if (out / "meta.json").exists():
+        old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        if old.get("tokenizer_sha256") != tok.sha256 or old.get("seq_len") != seq_len:
+            raise TachyonError(f"{out} already holds shards from another tokenizer or seq_len; use an empty --out")
+        (out / "meta.json").unlink()  # incomplete again until this run finishes
+    settings = {"tokenizer_sha256": tok.sha256, "seq_len": seq_len, "shard_rows": shard_rows, "text_field": text_field,
+                "sources": [str(p.resolve()) for p in files]}
+    marker = out / ".prepare.json"  # what the shards already in `out` were made from, for restarts
+    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) != settings:
+        raise TachyonError(f"{out} holds an unfinished `prepare` of other inputs or settings; use an empty --out "
+                           "or repeat the earlier command to finish it")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(marker, settings)
+    writer = ShardWriter(out, seq_len, shard_rows, tok.eot_id, tok.pad_id)
+    log(f"tokenizing {len(files)} files ({total_bytes / 1e6:.1f} MB) into {out} (seq_len {seq_len}, "
+        f"{shard_rows} rows per shard)")
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare") as bar:
+        for path in files:
+            batch, chars = [], 0
+            for doc in _documents(path, text_field):
+                batch.append(doc)
+                chars += len(doc)
+                if chars >= batch_chars:
+                    for ids in tok.encode_batch(batch):
+                        writer.add(ids)
+                    batch, chars = [], 0
+            for ids in tok.encode_batch(batch):
+                writer.add(ids)
+            bar.update(path.stat().st_size)
+    if writer.n_tokens == 0:
+        hint = f' (.jsonl lines need a "{text_field}" string field; set --text-field)' if any(
+            p.suffix == ".jsonl" for p in files) else ""
+        marker.unlink()
+        raise TachyonError(f"no text found in the inputs{hint}; nothing to prepare")
+    meta = writer.finish({"tokenizer": str(tok.path), "tokenizer_sha256": tok.sha256,
+                          "vocab_size": tok.vocab_size, "sources": [str(p) for p in files]})
+    log(f"wrote {meta['num_shards']} shards ({writer.kept} kept from an earlier run), {meta['num_tokens']:,} tokens, "
+        f"to {out}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+
+def parse_shard_range(spec: str) -> list[int]:
+    """'0-49' or '0,3,7-9' -> shard indices, sorted and unique."""
+    indices: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise TachyonError(f"--shards {spec!r} is not a range like 0-49 or a list like 0,3,7-9")
+        lo = int(m.group(1))
+        indices.update(range(lo, int(m.group(2) or lo) + 1))
+    return sorted(indices)
+
+
+def download(repo: str, shards: str, out: str | Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Fetch exactly the named shards of a hub dataset into `out` with huggingface_hub (which resumes partial files)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    names = [shard_name(i) for i in parse_shard_range(shards)]
+    try:
+        infos = HfApi().get_paths_info(repo, names, repo_type="dataset")
+    except RepositoryNotFoundError:
+        raise TachyonError(f"dataset {repo} was not found on the Hugging Face hub; check --repo") from None
+    except Exception as exc:
+        raise TachyonError(f"could not reach the Hugging Face hub for {repo} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network and retry") from None
+    found = {info.path: getattr(info, "size", None) or 0 for info in infos}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise TachyonError(f"dataset {repo} has no {missing[0]}" + (f" (and {len(missing) - 1} more)" if
+                           len(missing) > 1 else "") + "; choose --shards within the dataset")
+    out = Path(out)
+    log(f"downloading {len(names)} shards, {sum(found.values()) / 1e9:.2f} GB in all, from {repo} to {out} "
+        "(files already there are skipped)")
+    try:
+        snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=names, local_dir=str(out))
+    except Exception as exc:
+        raise TachyonError(f"download from {repo} stopped ({type(exc).__name__}); run the same command again "
+                           "to resume") from None
+    return [out / n for n in names]
+
+
+# ---------------------------------------------------------------------------------------------- embedded default
+
+
+def _stdlib_documents(max_bytes: int) -> tuple[list[str], int]:
+    """The embedded corpus: pydoc's topic help texts, then the standard library's .py sources (tests left out),
+    in a fixed order, until `max_bytes` of UTF-8 text. Returns (documents, number of files read)."""
+    docs, total, n_files = [], 0, 0
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        topics = {}
+    for key in sorted(topics):
+        size = len(topics[key].encode())
+        if total + size > max_bytes:
+            break
+        docs.append(topics[key])
+        total += size
+    n_files += bool(docs)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted((p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    for path in files:
+        if total >= max_bytes:
+            break
+        text = path.read_text(encoding="utf-8", errors="replace")
+        size = len(text.encode())
+        if total + size > max_bytes:
+            continue
+        docs.append(text)
+        total += size
+        n_files += 1
+    return docs, n_files
+
+
+def embedded_default(seq_len: int = 256, log: Callable[[str], None] = print,
+                     max_mb: float | None = None) -> tuple[Path, Path]:
+    """(shard_dir, tokenizer_json) of the embedded default corpus, building whatever is not cached yet.
+
+    The corpus is text every Python install has (see `_stdlib_documents`), so the default run needs no download.
+    The tokenizer (byte-level BPE, vocab 8192, <|endoftext|> 0, <|pad|> 1) lives in cache_dir()/default and
+    shards of width `seq_len` in a sub-folder per width. Everything is keyed by DEFAULT_VERSION, the Python
+    version and the size cap (`max_mb`, else $TACHYON_DEFAULT_MB, else 16 MB), and rebuilt when the key changes.
+    Files are written under temp names and renamed; meta.json comes last, so an interrupted build is redone.
+    """
+    if max_mb is None:
+        max_mb = float(os.environ.get(DEFAULT_MAX_MB_ENV) or DEFAULT_MAX_MB)
+    root = cache_dir() / "default"
+    key = {"version": DEFAULT_VERSION, "python": sys.version.split()[0], "max_mb": max_mb, "vocab": DEFAULT_VOCAB}
+    tok_path, shard_dir = root / "tokenizer.json", root / f"seq{seq_len}"
+    root_meta, shard_meta = root / "meta.json", shard_dir / "meta.json"
+
+    def current(meta_path: Path) -> bool:
+        try:
+            return json.loads(meta_path.read_text(encoding="utf-8")).get("key") == key
+        except (OSError, ValueError):
+            return False
+
+    tok_ok = current(root_meta) and tok_path.is_file()
+    if tok_ok and current(shard_meta):
+        log(f"using the cached embedded default corpus in {root}")
+        return shard_dir, tok_path
+    docs, n_files = _stdlib_documents(int(max_mb * 1e6))
+    if not docs:
+        raise TachyonError(f"no Python standard-library sources found under {sysconfig.get_paths()['stdlib']} to "
+                           "build the embedded default corpus; pass --data-dir and --tokenizer instead")
+    log(f"building corpus from {n_files} files ({sum(len(d.encode()) for d in docs) / 1e6:.1f} MB) "
+        "of the Python standard library...")
+    if not tok_ok:
+        if root.exists():
+            shutil.rmtree(root)  # stale: every shard folder depends on the tokenizer
+        root.mkdir(parents=True)
+        log(f"training tokenizer (byte-level BPE, vocab {DEFAULT_VOCAB})...")
+        train_bpe(docs, tok_path, vocab_size=DEFAULT_VOCAB, length=len(docs))
+        _atomic_write_json(root_meta, {"key": key})
+    tok = load_tokenizer(tok_path)
+    log(f"writing shards of {seq_len} tokens to {shard_dir}...")
+    if shard_dir.exists():
+        shutil.rmtree(shard_dir)
+    writer = ShardWriter(shard_dir, seq_len, shard_rows=max(1, 1_000_000 // seq_len), eot_id=tok.eot_id,
+                         pad_id=tok.pad_id)
+    for ids in tok.encode_batch(docs):
+        writer.add(ids)
+    writer.finish({"key": key, "tokenizer": str(tok_path), "tokenizer_sha256": tok.sha256,
+                   "vocab_size": tok.vocab_size})
+    log(f"embedded default ready: {writer.n_tokens:,} tokens in {writer.n_shards} shards")
+    return shard_dir, tok_path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tachyon.data prepare|download ...`; user errors print one `error:` line and return 2."""
+    parser = argparse.ArgumentParser(prog="python -m tachyon.data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize .txt/.md/.jsonl files into shards")
+    p.add_argument("--tokenizer", required=True, help="a tokenizers JSON file")
+    p.add_argument("--input", required=True, nargs="+", help="text files or folders")
+    p.add_argument("--out", required=True, help="folder for shard_*.npy and meta.json")
+    p.add_argument("--seq-len", type=int, default=2048, help="row width in tokens (default 2048)")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: about 20M tokens)")
+    p.add_argument("--text-field", default="text", help="the .jsonl field holding the text (default 'text')")
+    d = sub.add_parser("download", help="fetch shards of a Hugging Face dataset")
+    d.add_argument("--repo", default="SuperGoatScriptGuy/PreprocessedMIXED")
+    d.add_argument("--shards", default="0-49", help="indices like 0-49 or 0,3,7-9 (default 0-49)")
+    d.add_argument("--out", default="./data")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            if args.seq_len < 2 or (args.shard_rows is not None and args.shard_rows < 1):
+                raise TachyonError("--seq-len must be >= 2 and --shard-rows >= 1")
+            prepare(args.tokenizer, args.input, args.out, seq_len=args.seq_len, shard_rows=args.shard_rows,
+                    text_field=args.text_field)
+        else:
+            download(args.repo, args.shards, args.out)
+    except TachyonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
