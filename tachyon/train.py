@@ -1,0 +1,389 @@
+"""`python -m tachyon.train`: pretrain a Tachyon MoE model.
+
+With no arguments it trains the `nano` preset on the embedded default corpus (the Python
+standard library's sources and docs, tokenized by a BPE tokenizer trained on them) on the CPU
+or GPU, in a few minutes. With `--data-dir` it trains on `shard_*.npy` token shards, e.g. the
+original PreprocessedMIXED shards with `--tokenizer pile_tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import kernels
+
+from .checkpoint import DEFAULT_RUN_DIR, config_from_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import PRESETS, ModelConfig, UnknownPresetError, active_params, flops_per_token, get_preset, total_params
+from .data import BatchLoader, embedded_default
+from .errors import TachyonError
+from .hardware import bf16_peak_flops
+from .model import TachyonLM
+from .optim import lr_at, make_optimizer
+from .tokenizer import Tokenizer, check_fits, load_tokenizer, padded_vocab_size
+
+# Defaults that differ between a quick run on the embedded corpus and a real-data run; the
+# real-data values are the original trainer's.
+EMBEDDED_DEFAULTS = dict(preset="nano", batch_size=16, seq_len=256, lr=2e-3, min_lr=2e-4, warmup=30,
+                         max_steps=200, log_interval=10, save_interval=0, eval_interval=100, val_fraction=0.01)
+REAL_DATA_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=2048, lr=3e-4, min_lr=3e-5, warmup=1000,
+                          max_steps=100_000, log_interval=10, save_interval=1000, eval_interval=1000,
+                          val_fraction=0.0)
+MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tachyon.train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", "--model_size", "--model-size", dest="preset",
+      help=f"model preset: {', '.join(PRESETS)} (default: nano on the embedded corpus, tiny on --data-dir)")
+    a("--data-dir", "--data_dir", dest="data_dir", type=Path, help="folder of shard_*.npy (default: embedded corpus)")
+    a("--tokenizer", type=Path, help="tokenizers JSON matching the shards (default: embedded tokenizer)")
+    a("--batch-size", "--batch_size", dest="batch_size", type=int, help="sequences per micro-batch")
+    a("--grad-accum", "--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1,
+      help="micro-batches per optimizer step")
+    a("--seq-len", "--seq_len", dest="seq_len", type=int, help="tokens per sequence")
+    a("--lr", type=float, help="peak learning rate")
+    a("--min-lr", "--min_lr", dest="min_lr", type=float, help="final learning rate of the cosine decay")
+    a("--warmup", "--warmup_steps", dest="warmup", type=int, help="linear warmup steps")
+    a("--max-steps", "--max_steps", dest="max_steps", type=int, help="optimizer steps")
+    a("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=0.1,
+      help="AdamW weight decay (not on norms, biases or embeddings)")
+    a("--grad-clip", "--grad_clip", dest="grad_clip", type=float, default=1.0, help="gradient-norm clip")
+    a("--log-interval", "--log_interval", dest="log_interval", type=int, help="steps between log lines")
+    a("--save-interval", "--save_interval", dest="save_interval", type=int,
+      help="steps between checkpoints (0: only at the end)")
+    a("--save-dir", "--save_dir", dest="save_dir", type=Path,
+      help=f"run directory for checkpoints and metrics.jsonl (default: {DEFAULT_RUN_DIR} or runs/<preset>)")
+    a("--keep-last", dest="keep_last", type=int, default=3, help="checkpoints kept (older ones deleted)")
+    a("--resume", help="'latest' (newest checkpoint in --save-dir) or a checkpoint path")
+    a("--eval-interval", dest="eval_interval", type=int, help="steps between validation evals (0: only at the end)")
+    a("--eval-batches", dest="eval_batches", type=int, default=8, help="batches per validation eval")
+    a("--val-fraction", dest="val_fraction", type=float, help="fraction of sequences held out for validation")
+    a("--val-shards", dest="val_shards", type=int, default=0, help="last N shards held out for validation")
+    a("--no-compile", "--no_compile", dest="compile", action="store_false",
+      help="do not torch.compile the model (compiled by default on CUDA)")
+    a("--gradient-checkpointing", dest="grad_ckpt", action="store_true", default=None,
+      help="recompute activations in backward to save memory")
+    a("--no-gradient-checkpointing", "--no_gradient_checkpointing", dest="grad_ckpt", action="store_false",
+      help="keep activations (default except for the medium and large presets on CUDA)")
+    a("--num-workers", "--num_workers", dest="num_workers", type=int, default=0, help="data prefetch workers")
+    a("--seed", type=int, default=42, help="seed for initialisation and data order")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+      help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    a("--kernels", default=None, choices=kernels.BACKENDS,
+      help="fused Triton kernels or the PyTorch reference (default: $TACHYON_KERNELS or auto)")
+    a("--tensorboard", action="store_true", help="also log to TensorBoard in the run directory")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options from the embedded or real-data defaults and check them."""
+    defaults = EMBEDDED_DEFAULTS if args.data_dir is None else REAL_DATA_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.save_dir is None:
+        args.save_dir = DEFAULT_RUN_DIR if args.data_dir is None else Path("runs") / args.preset
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TachyonError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.grad_ckpt is None:
+        args.grad_ckpt = args.device.startswith("cuda") and args.preset in ("medium", "large")
+    args.compile = args.compile and args.device.startswith("cuda")
+    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "log_interval"):
+        if getattr(args, name) < 1:
+            raise TachyonError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.val_fraction < 1:
+        raise TachyonError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    return args
+
+
+def model_config(args: argparse.Namespace, tokenizer: Tokenizer | None) -> ModelConfig:
+    """The preset, with vocab_size shrunk to the tokenizer's (padded to 64) when it is smaller."""
+    try:
+        config = get_preset(args.preset)
+    except UnknownPresetError as e:
+        raise TachyonError(str(e)) from None
+    if tokenizer is not None:
+        check_fits(tokenizer, config.vocab_size)
+        config = config.replace(vocab_size=min(config.vocab_size, padded_vocab_size(tokenizer.vocab_size)))
+    if args.seq_len > config.max_seq_len:
+        raise TachyonError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's max_seq_len "
+                           f"{config.max_seq_len}: use --seq-len {config.max_seq_len} or less")
+    return config
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def config_mismatch(saved: ModelConfig, wanted: ModelConfig) -> str:
+    """A short list of the fields where two configs differ ('' when they agree)."""
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(wanted)
+    return ", ".join(f"{k} {a[k]} (checkpoint) vs {b[k]} (requested)" for k in a if a[k] != b[k])
+
+
+def find_resume(args: argparse.Namespace) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume == "latest":
+        path = latest_checkpoint(args.save_dir)
+        if path is None:
+            raise TachyonError(f"--resume latest: no checkpoint_<step>.pt in {args.save_dir} to resume from "
+                               "(drop --resume to start a new run, or pass --save-dir of an earlier run)")
+        return path
+    return Path(args.resume)
+
+
+def memory_gb(device: str) -> float:
+    """Peak memory of this run: CUDA allocator peak, or the process's peak RSS on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step or eval to run_dir/metrics.jsonl (and TensorBoard if asked)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TachyonError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Apply the update unless the gradient norm is non-finite; returns 1.0 for a skipped step, else 0.0.
+
+    The fused CUDA AdamW skips on the device through its `found_inf` input, so no host sync is
+    needed; elsewhere the check costs one sync per step.
+    """
+    bad = (~torch.isfinite(grad_norm)).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
+    return bad
+
+
+def bad_streak_checked(streak: torch.Tensor, device: torch.device) -> bool:
+    """On the CPU (already synchronised each step) look at the streak every step; on CUDA only at log lines."""
+    return device.type != "cuda" and streak.item() > 0
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, autocast) -> float:
+    """Mean cross-entropy over `batches` validation batches."""
+    model.eval()
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for _ in range(batches):
+        x, y = next(loader)
+        with autocast():
+            total += model(x, y).ce.float()
+    model.train()
+    return (total / batches).item()
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run training as `args` says; returns the path of the final checkpoint."""
+    args = resolve_args(args)
+    if args.kernels is not None:
+        kernels.set_backend(args.kernels)
+    log = tqdm.write
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    if args.data_dir is None:
+        data_dir, tokenizer_path = embedded_default(seq_len=args.seq_len, log=log)
+        tokenizer_path = args.tokenizer or tokenizer_path
+    else:
+        data_dir, tokenizer_path = args.data_dir, args.tokenizer
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+    config = model_config(args, tokenizer)
+
+    resume_path = find_resume(args)
+    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    if ckpt is not None:
+        saved = config_from_dict(ckpt["config"])
+        if diff := config_mismatch(saved, config):
+            raise TachyonError(f"checkpoint {resume_path} was trained with another config: {diff}")
+
+    pad_id = tokenizer.pad_id if tokenizer is not None else 1
+    loader_args = dict(batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, vocab_size=config.vocab_size,
+                       device=args.device, val_fraction=args.val_fraction, val_shards=args.val_shards, pad_id=pad_id)
+    loader = BatchLoader(data_dir, split="train", num_workers=args.num_workers, **loader_args)
+    val_loader = (BatchLoader(data_dir, split="val", **loader_args)
+                  if args.val_fraction > 0 or args.val_shards > 0 else None)
+
+    device = torch.device(args.device)
+    model = TachyonLM(config).to(device)
+    model.gradient_checkpointing = args.grad_ckpt
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        log(f"resumed from {resume_path} at step {step}")
+    step_model = torch.compile(model) if args.compile else model
+    use_bf16 = args.dtype == "bf16"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    flops_tok = flops_per_token(config, args.seq_len)
+    device_name, peak = bf16_peak_flops(device)
+    run_dir = Path(args.save_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(run_dir, args.tensorboard)
+    log(f"model {args.preset}: {total_params(config) / 1e6:.1f}M params, {active_params(config) / 1e6:.1f}M active, "
+        f"vocab {config.vocab_size} | {device_name}, {args.dtype}, kernels={kernels.get_backend()}, "
+        f"compile={args.compile}, grad-ckpt={args.grad_ckpt} | {tokens_per_step:,} tokens/step, "
+        f"{args.max_steps} steps | run dir {run_dir}")
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
+                "data": loader.state_dict(), "rng": rng_state(), "args": {k: str(v) for k, v in vars(args).items()},
+                "tokenizer_path": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
+                "tokenizer_sha256": tokenizer.sha256 if tokenizer else None}
+
+    def run_eval() -> None:
+        if val_loader is None:
+            return
+        val_loss = evaluate(step_model, val_loader, args.eval_batches, autocast)
+        log(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
+        metrics.write({"kind": "eval", "step": step, "val_loss": val_loss})
+
+    sums = torch.zeros(4, device=device)  # loss, ce, z_loss, balance summed over micro-batches
+    fractions = torch.zeros(config.n_layers, config.n_routed_experts, device=device)
+    streak, skipped = torch.zeros((), device=device), torch.zeros((), device=device)
+    interval_steps, interval_start = 0, time.perf_counter()
+    last_path = None
+    bar = tqdm(total=args.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    try:
+        while step < args.max_steps:
+            lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(args.grad_accum):
+                x, y = next(loader)
+                with autocast():
+                    out = step_model(x, y)
+                (out.loss / args.grad_accum).backward()
+                sums += torch.stack([out.loss, out.ce, out.z_loss, out.balance_loss]).detach().float()
+                fractions += out.expert_fraction.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            bad = guarded_step(optimizer, norm)
+            streak = (streak + bad) * bad  # consecutive non-finite steps, counted on the device
+            skipped += bad
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            interval_steps += 1
+            bar.update(1)
+
+            if step % args.log_interval == 0 or step == args.max_steps or bad_streak_checked(streak, device):
+                if (n_skipped := int(skipped.item())) > 0:
+                    log(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient were skipped")
+                    skipped.zero_()
+                if (run_of_bad := int(streak.item())) >= MAX_BAD_STEPS:
+                    raise TachyonError(
+                        f"training diverged: {run_of_bad} non-finite steps in a row up to step {step}; "
+                        f"the last good checkpoint is untouched in {run_dir} (try a lower --lr)")
+            if step % args.log_interval == 0 or step == args.max_steps:
+                elapsed = time.perf_counter() - interval_start
+                n = interval_steps * args.grad_accum
+                loss, ce, z, bal = (sums / n).tolist()
+                load = (fractions / n).cpu()
+                tok_s = interval_steps * tokens_per_step / elapsed
+                mfu = tok_s * flops_tok / peak if peak else None
+                imbalance = (load.max(dim=1).values * config.n_routed_experts).max().item()
+                log(f"step {step:>6} | loss {loss:.4f} | ce {ce:.4f} | z {z:.2e} | bal {bal:.4f} | lr {lr:.2e} | "
+                    f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                    + f" | mem {memory_gb(args.device):.2f} GB | max expert load {imbalance:.2f}x")
+                metrics.write({"kind": "train", "step": step, "loss": loss, "ce": ce, "z_loss": z,
+                               "balance_loss": bal, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
+                               "memory_gb": memory_gb(args.device), "expert_load": load.tolist()})
+                sums.zero_()
+                fractions.zero_()
+                interval_steps, interval_start = 0, time.perf_counter()
+            if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+                run_eval()
+            if args.save_interval and step % args.save_interval == 0 and step < args.max_steps:
+                last_path = save_checkpoint(run_dir, step, checkpoint_state(), args.keep_last)
+        run_eval()
+        last_path = save_checkpoint(run_dir, step, checkpoint_state(), args.keep_last)
+        log(f"saved {last_path}")
+    finally:
+        bar.close()
+        metrics.close()
+        loader.close()
+        if val_loader is not None:
+            val_loader.close()
+    return last_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except TachyonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last saved checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The trainer end to end on tiny shards: logging, checkpoints, exact resume, and every user mistake."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tachyon.checkpoint import load_checkpoint
+from tachyon.config import PRESETS, ModelConfig
+from tachyon.train import main
+
+# A preset small enough that a training step takes milliseconds on the CPU.
+PICO = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=128, d_shared_ff=64,
+                   n_routed_experts=4, max_seq_len=128)
+VOCAB = PICO.vocab_size
+
+
+@pytest.fixture(autouse=True)
+def _pico_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(PRESETS, "pico", PICO)
+
+
+def make_shards(folder: Path, rows: int = 64, width: int = 64, ids: tuple[int, int] = (2, 400), n: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        np.save(folder / f"shard_{i:05d}.npy", rng.integers(*ids, size=(rows, width), dtype=np.int32))
+    return folder
+
+
+def base_args(data: Path, run: Path, *extra: str) -> list[str]:
+    return ["--preset", "pico", "--data-dir", str(data), "--save-dir", str(run), "--batch-size", "2",
+            "--seq-len", "32", "--log-interval", "1", "--warmup", "2", "--lr", "1e-3", "--device", "cpu", *extra]
+
+
+def logged(run: Path, kind: str = "train") -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_trains_logs_evaluates_and_saves(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "4", "--val-fraction", "0.1", "--eval-batches", "2")) == 0
+    out = capsys.readouterr().out
+    assert "step      4 | loss" in out and "tok/s" in out and "val loss" in out
+    records = logged(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert len(records[0]["expert_load"]) == PICO.n_layers  # one row of expert shares per layer
+    assert logged(run, "eval")[0]["step"] == 4
+    ckpt = load_checkpoint(run / "checkpoint_4.pt")
+    assert ckpt["step"] == 4 and ckpt["config"]["vocab_size"] == VOCAB
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    data = make_shards(tmp_path / "data")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(base_args(data, whole, "--max-steps", "6", "--save-interval", "3", "--keep-last", "5")) == 0
+    part.mkdir()
+    (part / "checkpoint_3.pt").write_bytes((whole / "checkpoint_3.pt").read_bytes())
+    assert main(base_args(data, part, "--max-steps", "6", "--resume", "latest")) == 0
+    uninterrupted = {r["step"]: r["loss"] for r in logged(whole)}
+    resumed = {r["step"]: r["loss"] for r in logged(part)}
+    assert sorted(resumed) == [4, 5, 6]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(uninterrupted[step], abs=1e-6)
+    a, b = load_checkpoint(whole / "checkpoint_6.pt")["model"], load_checkpoint(part / "checkpoint_6.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def expect_error(capsys: pytest.CaptureFixture, argv: list[str], *fragments: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_unknown_preset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_shards(tmp_path / "data")
+    argv = base_args(data, tmp_path / "run")
+    argv[1] = "huge"
+    expect_error(capsys, argv, "unknown preset 'huge'", "nano, tiny, small, medium, large")
+
+
+def test_missing_or_empty_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    expect_error(capsys, base_args(tmp_path / "nowhere", tmp_path / "run"), "shard_")
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, base_args(tmp_path / "empty", tmp_path / "run"), "shard_")
+
+
+def test_token_ids_beyond_the_vocab(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_shards(tmp_path / "data", ids=(VOCAB, VOCAB + 10))
+    expect_error(capsys, base_args(data, tmp_path / "run", "--max-steps", "2"), str(VOCAB))
+
+
+def test_seq_len_above_the_context(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_shards(tmp_path / "data", width=256)
+    argv = base_args(data, tmp_path / "run")
+    argv[argv.index("--seq-len") + 1] = "256"
+    expect_error(capsys, argv, "--seq-len 256", "max_seq_len 128")
+
+
+def test_resume_with_nothing_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_shards(tmp_path / "data")
+    expect_error(capsys, base_args(data, tmp_path / "run", "--resume", "latest"), "no checkpoint")
+
+
+def test_checkpoint_of_another_config_is_refused_and_left_intact(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "1")) == 0
+    before = digest(run / "checkpoint_1.pt")
+    argv = base_args(data, run, "--max-steps", "2", "--resume", "latest")
+    argv[1] = "nano"
+    expect_error(capsys, argv, "another config", "d_model 64 (checkpoint) vs 256 (requested)")
+    assert digest(run / "checkpoint_1.pt") == before
+
+
+def test_diverging_run_stops_and_keeps_the_last_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "2")) == 0
+    before = digest(run / "checkpoint_2.pt")
+    from tachyon.model import TachyonLM
+
+    forward = TachyonLM.forward
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = forward(self, idx, targets, **kw)
+        return out._replace(loss=out.loss * float("nan"))
+
+    monkeypatch.setattr(TachyonLM, "forward", poisoned)
+    expect_error(capsys, base_args(data, run, "--max-steps", "8", "--resume", "latest"), "diverged",
+                 "3 non-finite steps")
+    assert digest(run / "checkpoint_2.pt") == before
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_2.pt"]
