@@ -1,0 +1,64 @@
+"""Tokenizer loading, the original pile tokenizer's round trip, vocab padding and the fit check."""
+
+from pathlib import Path
+
+import pytest
+
+from tachyon.errors import TachyonError
+from tachyon.tokenizer import check_fits, load_tokenizer, padded_vocab_size, train_bpe
+
+PILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pile_tokenizer.json"
+SAMPLE = (
+    "The quick brown fox jumps over the lazy dog.\n\n"
+    "def f(x):\n\treturn x ** 2  # squares\n"
+    "Ünïcödé, 日本語, emoji 🙂 and  double  spaces, trailing space \n"
+    "<html><body>tags &amp; entities</body></html>\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tok.json"
+    return train_bpe([SAMPLE * 3, "hello world " * 50], path, vocab_size=400)
+
+
+@pytest.mark.skipif(not PILE.is_file(), reason=f"original tokenizer not at {PILE}")
+def test_original_tokenizer_round_trips_and_has_its_special_ids() -> None:
+    tok = load_tokenizer(PILE)
+    assert (tok.vocab_size, tok.eot_id, tok.pad_id) == (50000, 0, 1)
+    assert len(tok.sha256) == 64
+    texts = [SAMPLE, "", " leading space", "a" * 1000, Path(__file__).read_text(encoding="utf-8")]
+    for text in texts:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert max(max(ids, default=0) for ids in tok.encode_batch(texts)) < tok.vocab_size
+
+
+def test_trained_tokenizer_layout_and_round_trip(small_tokenizer: Path) -> None:
+    tok = load_tokenizer(small_tokenizer)
+    assert (tok.eot_id, tok.pad_id) == (0, 1)
+    assert tok.vocab_size <= 400
+    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE  # byte-level: even unseen characters round-trip
+    assert tok.decode(tok.encode("never seen: ẞ ∮ 𝔘")) == "never seen: ẞ ∮ 𝔘"
+    assert 0 not in tok.encode(SAMPLE)  # encode adds no special tokens; callers join documents with eot_id
+
+
+def test_missing_and_unparseable_tokenizer_files(tmp_path: Path) -> None:
+    with pytest.raises(TachyonError, match="not found"):
+        load_tokenizer(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"this is": "not a tokenizer"', encoding="utf-8")
+    with pytest.raises(TachyonError, match=r"bad\.json does not parse"):
+        load_tokenizer(bad)
+
+
+def test_padded_vocab_size() -> None:
+    assert [padded_vocab_size(n) for n in (1, 64, 65, 8192, 50000)] == [64, 64, 128, 8192, 50048]
+    assert padded_vocab_size(100, multiple=128) == 128
+
+
+def test_check_fits(small_tokenizer: Path) -> None:
+    tok = load_tokenizer(small_tokenizer)
+    check_fits(tok, tok.vocab_size)
+    with pytest.raises(TachyonError, match=f"has {tok.vocab_size} tokens but the model's vocab_size is 10"):
+        check_fits(tok, 10)
