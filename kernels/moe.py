@@ -325,6 +325,8 @@ _wgrad = triton.autotune(configs=_configs(False), key=["M", "N", "GATHER_A"])(_g
 
 
 def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
+    """The dot's constexprs for `dtype`: fp32 stays IEEE (the correctness rule has no room for TF32),
+    and bf16 tiles are widened under the interpreter, whose bf16 dot is wrong."""
     return {"UPCAST": _INTERPRET and dtype == torch.bfloat16,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
@@ -464,6 +466,7 @@ def _(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, w13: torch.Ten
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    """Save the inputs and the forward's sorted intermediates; only `out` is differentiable."""
     x, _, weights, w13, w2 = inputs
     _, h, act, y, order, pos, offsets = output
     ctx.mark_non_differentiable(h, act, y, order, pos, offsets)
@@ -471,6 +474,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, dout, *_):
+    """Gradients of x, weights, w13, w2 (ids has none) from the output's gradient alone."""
     dx, dweights, dw13, dw2 = _moe_experts_bwd_op(dout, *ctx.saved_tensors)
     return dx, None, dweights, dw13, dw2
 

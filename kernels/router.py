@@ -201,6 +201,7 @@ def _(dweights: torch.Tensor, dlse: torch.Tensor, logits: torch.Tensor, weights:
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    """Save what the backward kernel reads; ids and counts carry no gradient."""
     logits, _ = inputs
     weights, ids, counts, lse = output
     ctx.mark_non_differentiable(ids, counts)
@@ -208,6 +209,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, dweights, dids, dcounts, dlse):
+    """dlogits from the weights' and logsumexp's gradients (either may be absent)."""
     logits, weights, ids, lse = ctx.saved_tensors
     dweights = torch.zeros_like(weights) if dweights is None else dweights
     dlse = torch.zeros_like(lse) if dlse is None else dlse
