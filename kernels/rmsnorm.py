@@ -62,22 +62,33 @@ def cast_out(x, dtype: tl.constexpr):
 
 
 def warps_for(tile: int) -> int:
-    """num_warps for a tile of `tile` elements: about 16 elements per thread, between 1 and 16 warps."""
-    return max(1, min(16, tile // 512))
+    """num_warps for a tile of `tile` elements: about 16 elements per thread, between 1 and 32 warps."""
+    return max(1, min(32, tile // 512))
 
 
 # --- Triton kernels ---------------------------------------------------------------------------------
 
-# Rows per program and warps for the forward; pruned to tiles of at most 16K elements.
-_FWD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (16, 4))]
+# Rows per program and warps for the forward; _prune_fwd keeps those that suit the width.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": m}, num_warps=w)
+    for m, w in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 8), (4, 8), (8, 4), (16, 4))
+]
 
 
 def _prune_fwd(configs, named_args, **meta):
-    """Keep configs whose tile (BLOCK_M x BLOCK_N) fits in registers; always keep at least one."""
+    """Keep configs with 8-64 elements per thread and tiles of at most 16K elements (or one row).
+
+    Fewer elements per thread wastes the vector loads; more spills registers. In the interpreter
+    there is no timing: keep the largest tile, which means the fewest programs.
+    """
     block_n = meta.get("BLOCK_N", named_args.get("BLOCK_N"))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_n <= max(16384, block_n)]
-    if INTERPRET:  # no timing in the interpreter: the largest tile means the fewest programs
-        kept = kept[-1:]
+    per_thread = lambda c: c.kwargs["BLOCK_M"] * block_n / (32 * c.num_warps)
+    fits = lambda c: c.kwargs["BLOCK_M"] == 1 or c.kwargs["BLOCK_M"] * block_n <= 16384
+    kept = [c for c in configs if 8 <= per_thread(c) <= 64 and fits(c)]
+    if not kept:  # very narrow rows: the most rows per program; very wide ones: the most warps
+        kept = [max((c for c in configs if fits(c)), key=lambda c: (c.kwargs["BLOCK_M"], -per_thread(c)))]
+    if INTERPRET:
+        kept = [max(kept, key=lambda c: c.kwargs["BLOCK_M"])]
     return kept
 
 

@@ -22,10 +22,10 @@ EPS = 1e-6
 MAX_POSITIONS = 64
 
 
-def _tables(head_dim: int, device: str = DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables (MAX_POSITIONS, head_dim/2), built as tachyon.layers.RotaryEmbedding does."""
+def _tables(head_dim: int, device: str = DEVICE, positions: int = MAX_POSITIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables (positions, head_dim/2), built as tachyon.layers.RotaryEmbedding does."""
     inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(MAX_POSITIONS, dtype=torch.float64), inv_freq)
+    angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
     return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
@@ -42,7 +42,7 @@ def _weight(head_dim: int, dtype: torch.dtype, device: str = DEVICE) -> torch.Te
 
 
 def _check_rope(q: torch.Tensor, k: torch.Tensor, offset: int) -> None:
-    cos, sin = _tables(q.shape[-1], q.device.type)
+    cos, sin = _tables(q.shape[-1], q.device.type, max(MAX_POSITIONS, offset + q.shape[1]))
     check_against_truth(
         lambda q, k, c, s: rope.rope(q, k, c, s, offset),
         lambda q, k, c, s: rope.rope_reference(q, k, c, s, offset),
@@ -51,7 +51,7 @@ def _check_rope(q: torch.Tensor, k: torch.Tensor, offset: int) -> None:
 
 
 def _check_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, offset: int) -> None:
-    cos, sin = _tables(q.shape[-1], q.device.type)
+    cos, sin = _tables(q.shape[-1], q.device.type, max(MAX_POSITIONS, offset + q.shape[1]))
     check_against_truth(
         lambda q, k, wq, wk, c, s: rope.qk_norm_rope(q, k, wq, wk, c, s, offset, EPS),
         lambda q, k, wq, wk, c, s: rope.qk_norm_rope_reference(q, k, wq, wk, c, s, offset, EPS),
@@ -146,16 +146,10 @@ def test_compile_fullgraph_cpu() -> None:
 @pytest.mark.parametrize("H, Hkv, D", [(16, 4, 128), (16, 4, 64), (12, 4, 80), (32, 8, 96)])
 @pytest.mark.parametrize("offset", [0, 1000])
 def test_gpu_bf16_real_sizes(H: int, Hkv: int, D: int, offset: int) -> None:
-    B, T = 4, 1024
-    global MAX_POSITIONS
-    q, k = _qk(B, T, H, Hkv, D, torch.bfloat16, "cuda")
-    saved, MAX_POSITIONS = MAX_POSITIONS, 2048 + 64
-    try:
-        _check_rope(q, k, offset)
-        _check_qk_norm_rope(q, k, _weight(D, torch.float32, "cuda"), _weight(D, torch.float32, "cuda"), offset)
-        _check_qk_norm_rope(q, k, _weight(D, torch.bfloat16, "cuda"), _weight(D, torch.bfloat16, "cuda"), offset)
-    finally:
-        MAX_POSITIONS = saved
+    q, k = _qk(4, 1024, H, Hkv, D, torch.bfloat16, "cuda")
+    _check_rope(q, k, offset)
+    _check_qk_norm_rope(q, k, _weight(D, torch.float32, "cuda"), _weight(D, torch.float32, "cuda"), offset)
+    _check_qk_norm_rope(q, k, _weight(D, torch.bfloat16, "cuda"), _weight(D, torch.bfloat16, "cuda"), offset)
 
 
 @pytest.mark.gpu
@@ -189,9 +183,9 @@ def test_gpu_compiled_block_fullgraph() -> None:
         grads_c = torch.autograd.grad(loss_c, list(block.parameters()))
         loss_e = block(x).float().pow(2).mean()
         grads_e = torch.autograd.grad(loss_e, list(block.parameters()))
-    torch.testing.assert_close(loss_c, loss_e, rtol=2e-2, atol=1e-3)
-    for gc, ge in zip(grads_c, grads_e, strict=True):
-        torch.testing.assert_close(gc, ge, rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-2, atol=0)
+    for gc, ge in zip(grads_c, grads_e, strict=True):  # bf16 matmuls fuse differently: compare norms
+        assert (gc - ge).norm() <= 2e-2 * ge.norm(), "compiled and eager gradients differ"
 
 
 @pytest.mark.gpu
