@@ -331,6 +331,10 @@ class BatchLoader:
         self._perms.clear()
         self._consumed = self._planned = int(state["epoch"]) * self.num_items + int(state["position"])
 
+    def reset(self) -> None:
+        """Start again from the first batch of epoch 0 (e.g. to score the same validation batches at every eval)."""
+        self.load_state_dict({"epoch": 0, "position": 0})
+
     def _drain(self) -> None:
         while self._queue:
             future = self._queue.popleft()
@@ -502,18 +506,24 @@ def prepare(tokenizer: str | Path, inputs: list[str | Path], out: str | Path, se
     log(f"tokenizing {len(files)} files ({total_bytes / 1e6:.1f} MB) into {out} (seq_len {seq_len}, "
         f"{shard_rows} rows per shard)")
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare") as bar:
+        batch: list[str] = []
+        chars = done_bytes = 0  # done_bytes: files read whole but not yet encoded, for the bar
+
+        def flush() -> None:
+            nonlocal batch, chars, done_bytes
+            for ids in tok.encode_batch(batch):  # one parallel call for many documents, across files
+                writer.add(ids)
+            bar.update(done_bytes)
+            batch, chars, done_bytes = [], 0, 0
+
         for path in files:
-            batch, chars = [], 0
             for doc in _documents(path, text_field):
                 batch.append(doc)
                 chars += len(doc)
                 if chars >= batch_chars:
-                    for ids in tok.encode_batch(batch):
-                        writer.add(ids)
-                    batch, chars = [], 0
-            for ids in tok.encode_batch(batch):
-                writer.add(ids)
-            bar.update(path.stat().st_size)
+                    flush()
+            done_bytes += path.stat().st_size
+        flush()
     if writer.n_tokens == 0:
         hint = f' (.jsonl lines need a "{text_field}" string field; set --text-field)' if any(
             p.suffix == ".jsonl" for p in files) else ""
