@@ -54,6 +54,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
 
     Query i sits at key position S - T + i (bottom-right causal alignment), so the same call
     serves training (S == T) and cached decoding (S > T). K/V are never repeated per head.
+    With a key mask every query may also see its own key: a left-pad query would otherwise have
+    no key at all, its softmax would be NaN, and the NaN would leak into later layers through
+    the pad's K/V (0 * NaN is NaN even where the mask gives it weight 0).
     """
     T, S = q.shape[1], k.shape[1]
     if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -61,9 +64,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if mask is None and T == S:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
+    elif mask is None and T == 1:  # one decoded token sees every cached key: no mask to build
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=True)
     else:
-        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        allowed = causal if mask is None else causal & mask[:, None, None, :]
+        query_pos = torch.arange(S - T, S, device=q.device)[:, None]  # (T, 1)
+        key_pos = torch.arange(S, device=q.device)[None, :]  # (1, S)
+        allowed = key_pos <= query_pos  # (T, S) causal
+        if mask is not None:
+            allowed = (allowed & mask[:, None, None, :]) | (key_pos == query_pos)  # (B, 1, T, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, enable_gqa=True)
     return out.transpose(1, 2)
 

@@ -1,0 +1,81 @@
+"""Decode throughput for nano: KV-cached generation vs a full forward over the prefix per token.
+
+Both generate 512 tokens greedily after an 8-token prompt (nano's context is stretched to 520
+so they fit). The cached run is timed whole. The uncached baseline's cost per token depends
+only on the prefix length, so by default it times a full forward at every STRIDE-th length and
+scales by STRIDE (same total work, ~1/8 of the wall time, keeping the file under a minute on a
+2-core CPU); TACHYON_BENCH_UNCACHED_STRIDE=1 runs every step exactly. pytest-benchmark's table
+shows the wall time of what ran (for uncached: the sampled forwards); the printed record line
+holds the 512-token seconds, tokens/s and the cached/uncached ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from bench.harness import sync
+from tachyon.config import PRESETS
+from tachyon.generate import generate_ids
+from tachyon.model import TachyonLM
+
+NEW_TOKENS = 512
+PROMPT_LEN = 8
+STRIDE = int(os.environ.get("TACHYON_BENCH_UNCACHED_STRIDE", "8"))
+_RESULTS: dict[str, float] = {}  # mode -> tokens/s, to print the ratio once both ran
+
+
+@pytest.fixture(scope="module")
+def nano(device: str) -> TachyonLM:
+    torch.manual_seed(0)
+    config = PRESETS["nano"].replace(max_seq_len=PROMPT_LEN + NEW_TOKENS)
+    return TachyonLM(config).to(device).eval()
+
+
+def _prompt(device: str) -> torch.Tensor:
+    return torch.arange(2, 2 + PROMPT_LEN, device=device)[None]
+
+
+def _cached_decode(model: TachyonLM, device: str) -> int:
+    count = sum(1 for _ in generate_ids(model, _prompt(device), NEW_TOKENS, temperature=0))
+    sync(device)
+    return count
+
+
+@torch.no_grad()
+def _uncached_decode_seconds(model: TachyonLM, device: str) -> float:
+    """Seconds for NEW_TOKENS greedy steps that each run a full forward over the whole sequence."""
+    seq = torch.randint(2, model.config.vocab_size, (1, PROMPT_LEN + NEW_TOKENS), device=device)
+    seconds = 0.0
+    for step in range(0, NEW_TOKENS, STRIDE):
+        sync(device)
+        start = time.perf_counter()
+        model(seq[:, : PROMPT_LEN + step]).logits[:, -1].argmax(-1)
+        sync(device)
+        seconds += (time.perf_counter() - start) * STRIDE
+    return seconds
+
+
+@pytest.mark.parametrize("mode", ["cached", "uncached"])
+def test_decode_throughput(benchmark, record, nano: TachyonLM, device: str, mode: str) -> None:
+    with torch.no_grad():  # warm up both paths (allocator, first-call costs)
+        nano(_prompt(device))
+        list(generate_ids(nano, _prompt(device), 4, temperature=0))
+    if mode == "cached":
+        count = benchmark.pedantic(_cached_decode, args=(nano, device), rounds=1, iterations=1)
+        assert count == NEW_TOKENS
+        seconds = benchmark.stats.stats.mean
+    else:
+        seconds = benchmark.pedantic(_uncached_decode_seconds, args=(nano, device), rounds=1, iterations=1)
+    tokens_per_s = NEW_TOKENS / seconds
+    _RESULTS[mode] = tokens_per_s
+    fields = dict(op="decode", impl=mode, shape=f"nano prompt {PROMPT_LEN} + {NEW_TOKENS} new", device=device,
+                  threads=torch.get_num_threads(), seconds=seconds, tokens_per_s=tokens_per_s)
+    if mode == "uncached":
+        fields["stride"] = STRIDE
+    if "cached" in _RESULTS and "uncached" in _RESULTS:
+        fields["cached_over_uncached"] = _RESULTS["cached"] / _RESULTS["uncached"]
+    record(**fields)

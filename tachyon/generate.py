@@ -1,0 +1,483 @@
+"""Text generation with a KV cache: `python -m tachyon.generate` and `generate()` / `generate_ids()`.
+
+The prompt is run through the model once (`prefill`), filling one KVCache per layer; after
+that each new token costs one single-position forward (`decode_one_token`) that attends to the
+cached keys and values, so a token costs O(current length) rather than a forward over the whole
+prefix. Prompts of different lengths share a batch by left padding plus a key mask; RoPE is
+relative, so a row shifted right by its padding scores exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .checkpoint import DEFAULT_RUN_DIR, latest_checkpoint, load_model
+from .errors import TachyonError
+from .layers import KVCache
+from .model import TachyonLM
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+__all__ = [
+    "decode_one_token",
+    "generate",
+    "generate_ids",
+    "left_pad",
+    "prefill",
+    "sample",
+    "validate_sampling",
+]
+
+QUIT_WORDS = frozenset({"quit", "exit", "q"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def validate_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Raise TachyonError for values that have no meaning (NaN fails every comparison, so it fails too)."""
+    if not max_new_tokens >= 1:
+        raise TachyonError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise TachyonError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not top_k >= 0:
+        raise TachyonError(f"top-k must be >= 0 (0 = no top-k cut), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise TachyonError(f"top-p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """(B, V) logits -> (B, V) fp32 probabilities after temperature, top-k and top-p (temperature > 0).
+
+    top-k keeps the k largest logits (ties at the k-th value are kept too); top-p then keeps the
+    smallest set of most likely tokens whose probability reaches top_p, always at least one.
+    """
+    logits = logits.float() / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the better tokens
+        drop_sorted = mass_before >= top_p  # never drops the first (mass_before == 0 < top_p)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.8, top_k: int = 50, top_p: float = 0.9,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of (B, V) logits -> (B,) int64; temperature 0 is greedy (argmax).
+
+    Sampling uses the exponential-race trick (argmax of p / Exp(1) noise is a draw from p), which
+    needs no host sync and compiles, as in gpt-fast.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two model steps: separate plain functions, so each can be wrapped in torch.compile alone.
+# KVCache.length is a Python int, so a compiled decode_one_token needs dynamic=True (or it
+# recompiles per length); a static-shape cache as in gpt-fast would remove that.
+
+
+@torch.no_grad()
+def prefill(model: TachyonLM, idx: torch.Tensor, caches: list[KVCache],
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the (left-padded) prompts idx (B, T) through the model, filling the empty caches.
+
+    Returns the logits (B, V) at the last position: the distribution of the first new token.
+    """
+    return model(idx, caches=caches, mask=mask).logits[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: TachyonLM, token: torch.Tensor, caches: list[KVCache],
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Feed one new token per row, token (B, 1), after the cached positions; returns logits (B, V).
+
+    mask (B, cached + 1) marks the attendable keys (None when no row is padded).
+    """
+    return model(token, caches=caches, mask=mask).logits[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-level generation
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token id lists -> (B, T) ids right-aligned with pad_id on the left, and a (B, T) bool mask.
+
+    The mask is True at real tokens; it is None when every prompt has the same length, so
+    unpadded batches take the unmasked attention path.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise TachyonError("the prompt is empty: give at least one character of text")
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, ids in enumerate(prompts):
+        idx[row, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
+        mask[row, width - len(ids):] = True
+    if bool(mask.all()):
+        return idx.to(device), None
+    return idx.to(device), mask.to(device)
+
+
+def token_budget(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> tuple[int, bool]:
+    """How many tokens can be generated after a prompt of prompt_len (padded) tokens.
+
+    The prompt plus everything generated must fit in the model's context. Returns the budget
+    and whether the context, not max_new_tokens, set it. A prompt that leaves no room is an error.
+    """
+    if prompt_len >= max_seq_len:
+        raise TachyonError(
+            f"the prompt is {prompt_len} tokens but the model's context is {max_seq_len} tokens: "
+            f"shorten it to at most {max_seq_len - 1} tokens"
+        )
+    room = max_seq_len - prompt_len
+    return min(max_new_tokens, room), room < max_new_tokens
+
+
+def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A torch.Generator seeded with `seed` on `device` (passed through if already one; None: global RNG)."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int = 128,
+                 temperature: float = 0.8, top_k: int = 50, top_p: float = 0.9,
+                 seed: int | torch.Generator | None = None, eot_id: int | None = None, pad_id: int = 0,
+                 vocab_limit: int | None = None, amp_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """Yield the new token ids, a (B,) int64 tensor per step, for a batch of token-id prompts.
+
+    - prompts: a list of id lists (any lengths; left padded here) or a (B, T) tensor.
+    - A row that has produced eot_id keeps yielding eot_id; generation ends when every row has
+      (or after max_new_tokens, or when the context is full: see token_budget).
+    - seed: an int or a torch.Generator makes samples reproducible; None uses the global RNG.
+    - vocab_limit: sample only ids below it (a tokenizer smaller than the model's embedding).
+    - amp_dtype: run the model under autocast to this dtype (e.g. bfloat16 on a GPU).
+    The model is put in eval mode while generating and restored afterwards.
+    """
+    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    device = _model_device(model)
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    idx, prompt_mask = left_pad(prompts, pad_id, device)
+    batch, prompt_len = idx.shape
+    budget, _ = token_budget(prompt_len, max_new_tokens, model.config.max_seq_len)
+    generator = make_generator(seed, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    mask = None
+    if prompt_mask is not None:  # key mask over the whole run: the prompt's, then all True
+        mask = torch.ones(batch, prompt_len + budget, dtype=torch.bool, device=device)
+        mask[:, :prompt_len] = prompt_mask
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]
+        return sample(logits, temperature, top_k, top_p, generator)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast:
+            caches = model.new_caches(batch, prompt_len + budget - 1)  # the last token is never fed back
+            logits = prefill(model, idx, caches, None if mask is None else mask[:, :prompt_len])
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for step in range(budget):
+            token = pick(logits)
+            if eot_id is not None:
+                token = token.masked_fill(done, eot_id)
+                done |= token == eot_id
+            yield token
+            if step + 1 == budget or (eot_id is not None and bool(done.all())):
+                return
+            length = prompt_len + step + 1
+            with autocast:
+                logits = decode_one_token(model, token[:, None], caches, None if mask is None else mask[:, :length])
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text-level generation
+
+
+def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], model: TachyonLM) -> list[list[int]]:
+    """Tokenize the prompts, checking the tokenizer fits the model and each prompt fits the context."""
+    check_tokenizer(tokenizer, model.config.vocab_size)
+    for text in texts:
+        if not isinstance(text, str) or not text:
+            raise TachyonError("the prompt is empty: give at least one character of text")
+    ids = [list(row) for row in tokenizer.encode_batch(list(texts))]
+    longest = max(len(row) for row in ids)
+    token_budget(longest, 1, model.config.max_seq_len)  # raises when a prompt leaves no room
+    if any(len(row) == 0 for row in ids):
+        raise TachyonError("a prompt encodes to no tokens: give some text the tokenizer can read")
+    return ids
+
+
+def check_tokenizer(tokenizer: Tokenizer, model_vocab: int) -> None:
+    """A tokenizer with ids the model has no embedding for cannot drive it."""
+    if tokenizer.vocab_size > model_vocab:
+        raise TachyonError(
+            f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {model_vocab}: use the tokenizer the checkpoint was trained with"
+        )
+
+
+def _pad_id(tokenizer: Tokenizer) -> int:
+    for value in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eot_id", None)):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def generate(model: TachyonLM, tokenizer: Tokenizer, prompts: str | list[str], max_new_tokens: int = 128,
+             temperature: float = 0.8, top_k: int = 50, top_p: float = 0.9,
+             seed: int | torch.Generator | None = None) -> str | list[str]:
+    """Continue one prompt (-> str) or a list of prompts (-> list[str]); returns only the new text.
+
+    Each row stops at the tokenizer's end-of-text token or after max_new_tokens; if the model's
+    context fills first, generation stops there with a warning. temperature 0 is greedy.
+    """
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    if not texts:
+        return []
+    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    prompt_ids = encode_prompts(tokenizer, texts, model)
+    _, context_bound = token_budget(max(map(len, prompt_ids)), max_new_tokens, model.config.max_seq_len)
+    eot = tokenizer.eot_id
+    new_ids: list[list[int]] = [[] for _ in texts]
+    finished = [False] * len(texts)
+    for step in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eot,
+                             _pad_id(tokenizer), tokenizer.vocab_size):
+        for row, token in enumerate(step.tolist()):
+            if finished[row] or token == eot:
+                finished[row] = True
+            else:
+                new_ids[row].append(token)
+    if context_bound and not all(finished):
+        warnings.warn(f"stopped at the model's context limit of {model.config.max_seq_len} tokens", stacklevel=2)
+    outputs = [tokenizer.decode(ids) for ids in new_ids]
+    return outputs[0] if single else outputs
+
+
+class TextStream:
+    """Turns one row's token ids into printable text pieces as they arrive.
+
+    Byte-level BPE splits multi-byte characters across tokens, so decoding a token alone can
+    give a replacement character; a piece is released only once it decodes cleanly. Decoding
+    works on a short window (the last released tokens as context, then the unreleased ones) so
+    each step costs O(1) rather than re-decoding the whole text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(context[-4:])  # context keeps word-boundary spaces right
+        self.prefix = 0  # start of the decoding window
+        self.read = len(self.ids)  # ids before this are already released
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the new text it completes ('' while a character is incomplete)."""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """The checkpoint file to load: the given file, the newest in a given run directory, or the default run's."""
+    if path is None:
+        found = latest_checkpoint(DEFAULT_RUN_DIR)
+        if found is None:
+            raise TachyonError(
+                f"no checkpoint in {DEFAULT_RUN_DIR}: run `python -m tachyon.train` first, or pass --checkpoint PATH"
+            )
+        return found
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise TachyonError(f"no checkpoint_<step>.pt in directory {path}")
+        return found
+    if not path.is_file():
+        raise TachyonError(f"checkpoint {path} does not exist")
+    return path
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else mps, else cpu; anything else must be a usable device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise TachyonError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TachyonError(f"device {name!r} asked for but CUDA is not available")
+    return device
+
+
+def load_for_generation(checkpoint: str | Path | None, tokenizer_path: str | Path | None,
+                        device: torch.device) -> tuple[TachyonLM, Tokenizer, Path]:
+    """Load the model (eval mode) and its tokenizer, checking that they belong together."""
+    from .tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(checkpoint)
+    model, meta = load_model(path, device)
+    model.eval()
+    if tokenizer_path is None:
+        tokenizer_path = meta.get("tokenizer_path")
+        if not tokenizer_path:
+            raise TachyonError(f"{path} records no tokenizer: pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer(tokenizer, model.config.vocab_size)
+    return model, tokenizer, path
+
+
+def stream_completion(model: TachyonLM, tokenizer: Tokenizer, prompt: str, args: argparse.Namespace,
+                      generator: torch.Generator | None, echo_prompt: bool = False,
+                      out: Any = None) -> tuple[int, float]:
+    """Print the continuation of one prompt to `out` as tokens arrive; return (new tokens, seconds).
+
+    With echo_prompt the prompt is printed first (once it is known to fit), so the output reads
+    as one text.
+    """
+    out = sys.stdout if out is None else out
+    prompt_ids = encode_prompts(tokenizer, [prompt], model)
+    if echo_prompt:
+        out.write(prompt)
+    budget, context_bound = token_budget(len(prompt_ids[0]), args.max_tokens, model.config.max_seq_len)
+    stream = TextStream(tokenizer, prompt_ids[0])
+    amp = torch.bfloat16 if model.embed.weight.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    count, hit_eot = 0, False
+    start = time.perf_counter()
+    for step in generate_ids(model, prompt_ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                             generator, tokenizer.eot_id, _pad_id(tokenizer), tokenizer.vocab_size, amp):
+        token = int(step[0])
+        count += 1
+        if token == tokenizer.eot_id:
+            hit_eot = True
+            break
+        out.write(stream.push(token))
+        out.flush()
+    out.write(stream.flush() + "\n")
+    out.flush()
+    seconds = time.perf_counter() - start
+    if context_bound and count == budget and not hit_eot:
+        print(f"[stopped: reached the model's context limit of {model.config.max_seq_len} tokens]", file=sys.stderr)
+    return count, seconds
+
+
+def _report_speed(count: int, seconds: float) -> None:
+    print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+def interactive(model: TachyonLM, tokenizer: Tokenizer, args: argparse.Namespace,
+                generator: torch.Generator | None) -> None:
+    """Read prompts until quit/exit/q, Ctrl-D or end of input; Ctrl-C stops the current reply."""
+    print("Type a prompt and press Enter (quit, exit, q or Ctrl-D to leave).", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if prompt.strip().lower() in QUIT_WORDS:
+            return
+        if not prompt.strip():
+            continue
+        try:
+            _report_speed(*stream_completion(model, tokenizer, prompt, args, generator))
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+        except TachyonError as e:  # e.g. a prompt too long for the context: say so and keep going
+            print(f"error: {e}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tachyon.generate",
+                                     description="Generate text from a Tachyon checkpoint with a KV cache.")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help=f"checkpoint file or run directory (default: the newest in {DEFAULT_RUN_DIR})")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer JSON (default: the one recorded in the checkpoint)")
+    parser.add_argument("--prompt", default=None, help="text to continue (default: an interactive prompt)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="most new tokens per reply (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest; 0 = off (default 50)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1]; 1 = off (default 0.9)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        validate_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p)
+        if args.prompt is not None and not args.prompt:
+            raise TachyonError("the prompt is empty: give at least one character of text")
+        device = pick_device(args.device)
+        model, tokenizer, path = load_for_generation(args.checkpoint, args.tokenizer, device)
+        generator = make_generator(args.seed, device)
+        if args.prompt is None:
+            print(f"loaded {path} ({model.config.n_layers} layers, d_model {model.config.d_model}) on {device}",
+                  file=sys.stderr)
+            interactive(model, tokenizer, args, generator)
+            return 0
+        _report_speed(*stream_completion(model, tokenizer, args.prompt, args, generator, echo_prompt=True))
+    except TachyonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
