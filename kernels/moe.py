@@ -20,12 +20,13 @@ def moe_experts_reference(
     w2 (E, f, d). Returns sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) as (T, d) in x's dtype.
     """
     d_ff = w2.shape[1]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for the ground truth
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for expert in range(w13.shape[0]):
         token, slot = torch.where(ids == expert)
         h = x[token] @ w13[expert].to(x.dtype)  # (n, 2f)
         y = swiglu_reference(h[:, :d_ff], h[:, d_ff:]) @ w2[expert].to(x.dtype)  # (n, d)
-        out = out.index_add(0, token, y.float() * weights[token, slot, None].float())
+        out = out.index_add(0, token, y.to(acc) * weights[token, slot, None].to(acc))
     return out.to(x.dtype)
 
 

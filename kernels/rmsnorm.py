@@ -16,8 +16,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The definition: normalise in fp32, scale by `weight`, return in x's dtype."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for the ground truth
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)
     return y.to(x.dtype)
 
 

@@ -12,7 +12,8 @@ from .rmsnorm import cast_out, num_programs_for_reduction, rms_norm_reference, w
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x (B, T, H, D); cos, sin (T, D/2) in fp32
     half = x.shape[-1] // 2
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    xf = x.to(torch.promote_types(x.dtype, cos.dtype))
+    x1, x2 = xf[..., :half], xf[..., half:]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
@@ -25,7 +26,8 @@ def rope_reference(
     cos and sin are tables (max_positions, D/2) of cos/sin(position * inv_freq), fp32.
     """
     T = q.shape[1]
-    cos, sin = cos[offset : offset + T].float(), sin[offset : offset + T].float()
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for the ground truth
+    cos, sin = cos[offset : offset + T].to(acc), sin[offset : offset + T].to(acc)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

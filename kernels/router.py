@@ -18,7 +18,7 @@ def router_topk_reference(
     num_experts = logits.shape[-1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"top-k must be in [1, {num_experts}], got {k}")
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse[:, None])
     order = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
