@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -24,9 +24,7 @@ from .checkpoint import DEFAULT_RUN_DIR, latest_checkpoint, load_model
 from .errors import TachyonError
 from .layers import KVCache
 from .model import TachyonLM
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_fits, load_tokenizer
 
 __all__ = [
     "decode_one_token",
@@ -231,7 +229,7 @@ def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tens
 
 def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], model: TachyonLM) -> list[list[int]]:
     """Tokenize the prompts, checking the tokenizer fits the model and each prompt fits the context."""
-    check_tokenizer(tokenizer, model.config.vocab_size)
+    check_fits(tokenizer, model.config.vocab_size)
     for text in texts:
         if not isinstance(text, str) or not text:
             raise TachyonError("the prompt is empty: give at least one character of text")
@@ -241,22 +239,6 @@ def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], model: TachyonLM)
     if any(len(row) == 0 for row in ids):
         raise TachyonError("a prompt encodes to no tokens: give some text the tokenizer can read")
     return ids
-
-
-def check_tokenizer(tokenizer: Tokenizer, model_vocab: int) -> None:
-    """A tokenizer with ids the model has no embedding for cannot drive it."""
-    if tokenizer.vocab_size > model_vocab:
-        raise TachyonError(
-            f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {model_vocab}: use the tokenizer the checkpoint was trained with"
-        )
-
-
-def _pad_id(tokenizer: Tokenizer) -> int:
-    for value in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eot_id", None)):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def generate(model: TachyonLM, tokenizer: Tokenizer, prompts: str | list[str], max_new_tokens: int = 128,
@@ -278,7 +260,7 @@ def generate(model: TachyonLM, tokenizer: Tokenizer, prompts: str | list[str], m
     new_ids: list[list[int]] = [[] for _ in texts]
     finished = [False] * len(texts)
     for step in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eot,
-                             _pad_id(tokenizer), tokenizer.vocab_size):
+                             tokenizer.pad_id, tokenizer.vocab_size):
         for row, token in enumerate(step.tolist()):
             if finished[row] or token == eot:
                 finished[row] = True
@@ -367,7 +349,6 @@ def pick_device(name: str) -> torch.device:
 def load_for_generation(checkpoint: str | Path | None, tokenizer_path: str | Path | None,
                         device: torch.device) -> tuple[TachyonLM, Tokenizer, Path]:
     """Load the model (eval mode) and its tokenizer, checking that they belong together."""
-    from .tokenizer import load_tokenizer
 
     path = resolve_checkpoint(checkpoint)
     model, meta = load_model(path, device)
@@ -377,7 +358,7 @@ def load_for_generation(checkpoint: str | Path | None, tokenizer_path: str | Pat
         if not tokenizer_path:
             raise TachyonError(f"{path} records no tokenizer: pass --tokenizer PATH")
     tokenizer = load_tokenizer(tokenizer_path)
-    check_tokenizer(tokenizer, model.config.vocab_size)
+    check_fits(tokenizer, model.config.vocab_size)
     return model, tokenizer, path
 
 
@@ -399,7 +380,7 @@ def stream_completion(model: TachyonLM, tokenizer: Tokenizer, prompt: str, args:
     count, hit_eot = 0, False
     start = time.perf_counter()
     for step in generate_ids(model, prompt_ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                             generator, tokenizer.eot_id, _pad_id(tokenizer), tokenizer.vocab_size, amp):
+                             generator, tokenizer.eot_id, tokenizer.pad_id, tokenizer.vocab_size, amp):
         token = int(step[0])
         count += 1
         if token == tokenizer.eot_id:

@@ -98,8 +98,8 @@ def check_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
     """Refuse a tokenizer that can emit ids at or above the model's `vocab_size`."""
     if tokenizer.vocab_size > vocab_size:
         raise TachyonError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
-                           f"is {vocab_size}; use a model with vocab_size >= {padded_vocab_size(tokenizer.vocab_size)}"
-                           " or a smaller tokenizer")
+                           f"is {vocab_size}: use the tokenizer the model was trained with, or a model with "
+                           f"vocab_size >= {padded_vocab_size(tokenizer.vocab_size)}")
 
 
 def train_bpe(texts: Iterable[str], out_path: str | Path, vocab_size: int = 8192, length: int | None = None) -> Path:

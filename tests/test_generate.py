@@ -274,7 +274,7 @@ def test_generate_rejects_bad_input(model: TachyonLM, tokenizer: Tokenizer, kwar
 
 
 def test_generate_rejects_a_tokenizer_bigger_than_the_model(files: dict[str, Path]) -> None:
-    with pytest.raises(TachyonError, match="has 400 tokens but the model's vocab_size is 320"):
+    with pytest.raises(TachyonError, match="has 400 tokens but the model.s vocab_size is 320"):
         gen.generate(_model(vocab_size=320), load_tokenizer(files["big"]), "hello")
 
 
