@@ -220,7 +220,8 @@ def bad_streak_checked(streak: torch.Tensor, device: torch.device) -> bool:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, autocast) -> float:
-    """Mean cross-entropy over `batches` validation batches."""
+    """Mean cross-entropy over the first `batches` validation batches (the same ones at every eval)."""
+    loader.reset()
     model.eval()
     total = torch.zeros((), device=next(model.parameters()).device)
     for _ in range(batches):
