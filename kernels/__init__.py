@@ -16,12 +16,14 @@ if not torch.cuda.is_available():
     # before `triton` is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from . import cross_entropy as _cross_entropy  # noqa: E402
 from . import moe as _moe  # noqa: E402
 from . import rmsnorm as _rmsnorm  # noqa: E402
 from . import rope as _rope  # noqa: E402
 from . import router as _router  # noqa: E402
 from . import swiglu as _swiglu  # noqa: E402
 from ._backend import BACKENDS, get_backend, set_backend, use, use_triton  # noqa: E402
+from .cross_entropy import linear_cross_entropy_reference  # noqa: E402
 from .modules import RMSNorm, SwiGLU  # noqa: E402
 from .moe import moe_experts_reference  # noqa: E402
 from .rmsnorm import rms_norm_reference  # noqa: E402
@@ -95,6 +97,8 @@ __all__ = [
     "RMSNorm",
     "SwiGLU",
     "get_backend",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "moe_experts",
     "moe_experts_reference",
     "qk_norm_rope",
@@ -111,3 +115,15 @@ __all__ = [
     "use",
     "use_triton",
 ]
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of `x @ weight.T` over targets != ignore_index; x (..., d), weight (V, d).
+
+    The Triton path never holds the whole batch's full-vocab logits (see kernels/cross_entropy.py).
+    """
+    if use_triton(x):
+        return _cross_entropy.linear_cross_entropy(x, weight, targets, ignore_index)
+    return linear_cross_entropy_reference(x, weight, targets, ignore_index)
