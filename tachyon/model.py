@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import kernels
+
 from .config import ModelConfig
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
 from .moe import MoE, RouterStats
@@ -20,7 +22,7 @@ IGNORE_INDEX = -100  # targets with this id (padding) add nothing to the loss
 class ModelOutput(NamedTuple):
     """Logits and the loss broken into its parts (losses are None without targets)."""
 
-    logits: torch.Tensor | None  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when targets were given without return_logits
     loss: torch.Tensor | None  # ce + z_loss + balance_loss
     ce: torch.Tensor | None
     z_loss: torch.Tensor | None
@@ -70,11 +72,14 @@ class TachyonLM(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, mask: torch.Tensor | None = None) -> ModelOutput:
+                caches: list[KVCache] | None = None, mask: torch.Tensor | None = None,
+                return_logits: bool = False) -> ModelOutput:
         """idx (B, T) token ids; targets (B, T) with IGNORE_INDEX for positions not scored.
 
-        With `caches` (one KVCache per layer) idx holds only the new positions; mask (B, S)
-        marks attendable key positions when prompts are padded.
+        With targets the loss comes from the fused LM head + cross-entropy, which never holds
+        the batch's full-vocab logits; they are returned only without targets or when
+        `return_logits` is set. With `caches` (one KVCache per layer) idx holds only the new
+        positions; mask (B, S) marks attendable key positions when prompts are padded.
         """
         T = idx.shape[1]
         start = 0 if caches is None else caches[0].length
@@ -89,12 +94,12 @@ class TachyonLM(nn.Module):
             else:
                 x, s = block(x, self.rotary, cache, mask)
             stats.append(s)
-        x = self.norm(x)
-        logits = F.linear(x, self.embed.weight)  # (B, T, V), tied head
+        x = self.norm(x)  # (B, T, d)
         fraction = torch.stack([s.expert_fraction for s in stats])
+        logits = F.linear(x, self.embed.weight) if targets is None or return_logits else None  # (B, T, V), tied
         if targets is None:
             return ModelOutput(logits, None, None, None, None, fraction)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        ce = kernels.linear_cross_entropy(x, self.embed.weight, targets, IGNORE_INDEX)
         z_loss = torch.stack([s.z_loss for s in stats]).sum()
         balance = torch.stack([s.balance_loss for s in stats]).sum()
         return ModelOutput(logits, ce + z_loss + balance, ce, z_loss, balance, fraction)
