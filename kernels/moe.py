@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._triton_utils import INTERPRET
 from .swiglu import swiglu_reference
 
 
@@ -40,7 +39,6 @@ def moe_experts_reference(
 # intermediate lives in sorted order, and the combine gathers each token's k rows back.
 # --------------------------------------------------------------------------------------------
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(two_accumulators: bool) -> list[triton.Config]:
@@ -49,7 +47,7 @@ def _configs(two_accumulators: bool) -> list[triton.Config]:
     Hopper bf16: 128-row tiles, K steps of 64, 3-4 pipeline stages. The fused-SwiGLU GEMM
     holds two accumulators (gate and up), so it stays at BLOCK_N 128 with 8 warps.
     """
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     if not two_accumulators:
@@ -328,7 +326,7 @@ _wgrad = triton.autotune(configs=_configs(False), key=["M", "N", "GATHER_A"])(_g
 def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
     """The dot's constexprs for `dtype`: fp32 stays IEEE (the correctness rule has no room for TF32),
     and bf16 tiles are widened under the interpreter, whose bf16 dot is wrong."""
-    return {"UPCAST": _INTERPRET and dtype == torch.bfloat16,
+    return {"UPCAST": INTERPRET and dtype == torch.bfloat16,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._triton_utils import INTERPRET, as_rows, cast_out, num_programs_for_reduction, warps_for
+
 # Largest normalised width kept in registers as one tile (64K elements, as in Liger and quack).
 MAX_FUSED_WIDTH = 65536
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -20,51 +18,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     xf = x.to(acc)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)
     return y.to(x.dtype)
-
-
-# --- helpers shared by the elementwise kernels (rope.py and swiglu.py import them) ---------------
-
-
-def as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
-    """`x` seen as (rows, width) with unit column stride and one row stride, copying only if no such view exists.
-
-    Slices along the last dim (gate/up halves of one GEMM output) and expanded gradients keep
-    their storage; only layouts that no single row stride describes are made contiguous.
-    """
-    if x.stride(-1) != 1 and x.numel() > 0:
-        x = x.contiguous()
-    try:
-        return x.view(-1, width)
-    except RuntimeError:
-        return x.reshape(-1, width)
-
-
-@functools.cache
-def num_programs_for_reduction(device: torch.device) -> int:
-    """How many persistent programs a backward with per-program partial sums launches."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after the other: few of them is faster
-
-
-# The interpreter casts fp32 to bf16 by truncation (the GPU rounds to nearest even): round by hand there.
-_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def cast_out(x, dtype: tl.constexpr):
-    """fp32 `x` cast to `dtype`, rounding to nearest even on the GPU and in the interpreter alike."""
-    if _ROUND_BF16_BY_HAND:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-def warps_for(tile: int) -> int:
-    """num_warps for a tile of `tile` elements: about 16 elements per thread, between 1 and 32 warps."""
-    return max(1, min(32, tile // 512))
 
 
 # --- Triton kernels ---------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rmsnorm import cast_out, num_programs_for_reduction, rms_norm_reference, warps_for
+from ._triton_utils import cast_out, num_programs_for_reduction, warps_for
+from .rmsnorm import rms_norm_reference
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .rmsnorm import INTERPRET, as_rows, cast_out
+from ._triton_utils import INTERPRET, as_rows, cast_out
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,8 @@ from .tokenizer import Tokenizer, check_fits, load_tokenizer, padded_vocab_size
 
 # Defaults that differ between a quick run on the embedded corpus and a real-data run; the
 # real-data values are the original trainer's.
-EMBEDDED_DEFAULTS = dict(preset="nano", batch_size=16, seq_len=256, lr=2e-3, min_lr=2e-4, warmup=30,
-                         max_steps=200, log_interval=10, save_interval=0, eval_interval=100, val_fraction=0.01)
+EMBEDDED_DEFAULTS = dict(preset="nano", batch_size=16, seq_len=256, lr=2e-3, min_lr=2e-4, warmup=20,
+                         max_steps=120, log_interval=10, save_interval=0, eval_interval=60, val_fraction=0.01)
 REAL_DATA_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=2048, lr=3e-4, min_lr=3e-5, warmup=1000,
                           max_steps=100_000, log_interval=10, save_interval=1000, eval_interval=1000,
                           val_fraction=0.0)
@@ -340,7 +340,7 @@ def train(args: argparse.Namespace) -> Path:
                     raise TachyonError(
                         f"training diverged: {run_of_bad} non-finite steps in a row up to step {step}; "
                         f"the last good checkpoint is untouched in {run_dir} (try a lower --lr)")
-            if step % args.log_interval == 0 or step == args.max_steps:
+            if step == 1 or step % args.log_interval == 0 or step == args.max_steps:
                 elapsed = time.perf_counter() - interval_start
                 n = interval_steps * args.grad_accum
                 loss, ce, z, bal = (sums / n).tolist()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import math
 import subprocess
@@ -13,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tachyon import generate as gen
 from tachyon.checkpoint import export_safetensors
 from tachyon.config import PRESETS
 from tachyon.errors import TachyonError
 from tachyon.model import TachyonLM
 from tachyon.tokenizer import Tokenizer, load_tokenizer
 
-# The module, not the `tachyon.generate` function that the package re-exports under the same name.
-gen = importlib.import_module("tachyon.generate")
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 64
 

@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 
+from kernels._triton_utils import as_rows
 from tests.kernels.correctness import DEVICE, check_against_truth
 
 rmsnorm = importlib.import_module("kernels.rmsnorm")
@@ -54,7 +55,7 @@ def test_strided_rows_and_leading_dims(dtype: torch.dtype) -> None:
 def test_no_copy_of_strided_rows() -> None:
     """The launcher views a last-dim slice as rows in place rather than copying it."""
     base = torch.randn(4, 2 * 80)
-    rows = rmsnorm.as_rows(base[:, 80:], 80)
+    rows = as_rows(base[:, 80:], 80)
     assert rows.data_ptr() == base[:, 80:].data_ptr() and rows.stride() == (160, 1)
 
 
