@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint in `run_dir`, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def archive_previous_run(run_dir: str | Path) -> Path | None:
+    """Move an earlier run's checkpoints and metrics out of the way, into run_dir/previous/<time>/.
+
+    A new run in a directory that already holds checkpoints must neither mix its checkpoints
+    with the old ones (resume and keep-last would pick the wrong files) nor delete them.
+    Returns the archive folder, or None when there was nothing to move.
+    """
+    run_dir = Path(run_dir)
+    old = list_checkpoints(run_dir) + [p for p in (run_dir / "metrics.jsonl", run_dir / "metrics.png") if p.exists()]
+    if not old:
+        return None
+    archive = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    archive.mkdir(parents=True, exist_ok=True)
+    for path in old:
+        os.replace(path, archive / path.name)
+    return archive
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:

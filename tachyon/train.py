@@ -26,7 +26,14 @@ from tqdm import tqdm
 
 import kernels
 
-from .checkpoint import DEFAULT_RUN_DIR, config_from_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    DEFAULT_RUN_DIR,
+    archive_previous_run,
+    config_from_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import PRESETS, ModelConfig, UnknownPresetError, active_params, flops_per_token, get_preset, total_params
 from .data import BatchLoader, embedded_default
 from .errors import TachyonError
@@ -99,7 +106,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.save_dir is None:
-        args.save_dir = DEFAULT_RUN_DIR if args.data_dir is None else Path("runs") / args.preset
+        if args.data_dir is not None:
+            args.save_dir = Path("runs") / args.preset
+        else:  # the nano run lands where `python -m tachyon.generate` looks by default
+            args.save_dir = DEFAULT_RUN_DIR if args.preset == "nano" else Path("runs") / f"default-{args.preset}"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -173,10 +183,21 @@ def memory_gb(device: str) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step or eval to run_dir/metrics.jsonl (and TensorBoard if asked)."""
+    """Appends one JSON object per logged step or eval to run_dir/metrics.jsonl (and TensorBoard if asked).
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    A resumed run drops what the interrupted run logged after its checkpoint. A new run in a
+    directory holding an earlier run's files moves them aside at its first record, so a run
+    that fails before completing a step leaves the directory exactly as it was.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resumed_at: int | None = None) -> None:
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        self.fresh = resumed_at is None
+        if resumed_at is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             try:
@@ -186,6 +207,10 @@ class MetricsLog:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.fresh:
+            self.fresh = False
+            if (archive := archive_previous_run(self.run_dir)) is not None:
+                tqdm.write(f"{self.run_dir} held an earlier run: its checkpoints and metrics were moved to {archive}")
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -285,7 +310,7 @@ def train(args: argparse.Namespace) -> Path:
     device_name, peak = bf16_peak_flops(device)
     run_dir = Path(args.save_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(run_dir, args.tensorboard)
+    metrics = MetricsLog(run_dir, args.tensorboard, resumed_at=step if ckpt is not None else None)
     log(f"model {args.preset}: {total_params(config) / 1e6:.1f}M params, {active_params(config) / 1e6:.1f}M active, "
         f"vocab {config.vocab_size} | {device_name}, {args.dtype}, kernels={kernels.get_backend()}, "
         f"compile={args.compile}, grad-ckpt={args.grad_ckpt} | {tokens_per_step:,} tokens/step, "

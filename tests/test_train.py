@@ -145,3 +145,26 @@ def test_diverging_run_stops_and_keeps_the_last_checkpoint(tmp_path: Path, capsy
                  "3 non-finite steps")
     assert digest(run / "checkpoint_2.pt") == before
     assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_2.pt"]
+
+
+def test_new_run_moves_an_earlier_run_aside(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "3")) == 0
+    old = digest(run / "checkpoint_3.pt")
+    bad = make_shards(tmp_path / "bad", ids=(VOCAB, VOCAB + 10))
+    expect_error(capsys, base_args(bad, run, "--max-steps", "2"), str(VOCAB))  # fails before any step
+    assert digest(run / "checkpoint_3.pt") == old and not (run / "previous").exists()
+    assert main(base_args(data, run, "--max-steps", "2")) == 0
+    assert "moved to" in capsys.readouterr().out
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_2.pt"]
+    assert [r["step"] for r in logged(run)] == [1, 2]
+    (archived,) = (run / "previous").iterdir()
+    assert digest(archived / "checkpoint_3.pt") == old and (archived / "metrics.jsonl").exists()
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path: Path) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "4", "--save-interval", "2", "--keep-last", "2")) == 0
+    (run / "checkpoint_4.pt").unlink()  # as if the run had died after logging step 4, before saving it
+    assert main(base_args(data, run, "--max-steps", "4", "--resume", "latest")) == 0
+    assert [r["step"] for r in logged(run)] == [1, 2, 3, 4]
