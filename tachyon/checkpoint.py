@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .errors import TachyonError
+from .errors import TachyonError, run_cli
 from .model import TachyonLM
 
 DEFAULT_RUN_DIR = Path("runs") / "default"  # where `python -m tachyon.train` with no arguments saves
@@ -184,13 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("checkpoint", type=Path)
     export.add_argument("out", type=Path)
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         out = export_safetensors(args.checkpoint, args.out)
-    except TachyonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    return 0
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+    return run_cli(command)
 
 
 if __name__ == "__main__":

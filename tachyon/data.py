@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import TachyonError
+from .errors import TachyonError, run_cli
 from .model import IGNORE_INDEX
 from .tokenizer import load_tokenizer, train_bpe
 
@@ -691,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--shards", default="0-49", help="indices like 0-49 or 0,3,7-9 (default 0-49)")
     d.add_argument("--out", default="./data")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         if args.command == "prepare":
             if args.seq_len < 2 or (args.shard_rows is not None and args.shard_rows < 1):
                 raise TachyonError("--seq-len must be >= 2 and --shard-rows >= 1")
@@ -699,13 +700,8 @@ def main(argv: list[str] | None = None) -> int:
                     text_field=args.text_field)
         else:
             download(args.repo, args.shards, args.out)
-    except TachyonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(command, interrupted="interrupted; run the same command again to continue")
 
 
 if __name__ == "__main__":

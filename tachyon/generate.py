@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import DEFAULT_RUN_DIR, latest_checkpoint, load_model
-from .errors import TachyonError
+from .errors import TachyonError, run_cli
 from .layers import KVCache
 from .model import TachyonLM
 from .tokenizer import Tokenizer, check_fits, load_tokenizer
@@ -441,23 +441,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        validate_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p)
-        if args.prompt is not None and not args.prompt:
-            raise TachyonError("the prompt is empty: give at least one character of text")
-        device = pick_device(args.device)
-        model, tokenizer, path = load_for_generation(args.checkpoint, args.tokenizer, device)
-        generator = make_generator(args.seed, device)
-        if args.prompt is None:
-            print(f"loaded {path} ({model.config.n_layers} layers, d_model {model.config.d_model}) on {device}",
-                  file=sys.stderr)
-            interactive(model, tokenizer, args, generator)
-            return 0
-        _report_speed(*stream_completion(model, tokenizer, args.prompt, args, generator, echo_prompt=True))
-    except TachyonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    """The CLI's body: one completion for --prompt, else the interactive loop."""
+    validate_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p)
+    if args.prompt is not None and not args.prompt:
+        raise TachyonError("the prompt is empty: give at least one character of text")
+    device = pick_device(args.device)
+    model, tokenizer, path = load_for_generation(args.checkpoint, args.tokenizer, device)
+    generator = make_generator(args.seed, device)
+    if args.prompt is None:
+        print(f"loaded {path} ({model.config.n_layers} layers, d_model {model.config.d_model}) on {device}",
+              file=sys.stderr)
+        interactive(model, tokenizer, args, generator)
+        return
+    _report_speed(*stream_completion(model, tokenizer, args.prompt, args, generator, echo_prompt=True))
 
 
 if __name__ == "__main__":

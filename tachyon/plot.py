@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import TachyonError
+from .errors import TachyonError, run_cli
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -83,12 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/metrics.png)")
     args = parser.parse_args(argv)
-    try:
-        print(f"wrote {plot_run(args.run_dir, args.out)}")
-    except TachyonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: print(f"wrote {plot_run(args.run_dir, args.out)}"))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from .checkpoint import (
 )
 from .config import PRESETS, ModelConfig, UnknownPresetError, active_params, flops_per_token, get_preset, total_params
 from .data import BatchLoader, embedded_default
-from .errors import TachyonError
+from .errors import TachyonError, run_cli
 from .hardware import bf16_peak_flops
 from .model import TachyonLM
 from .optim import lr_at, make_optimizer
@@ -400,15 +400,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except TachyonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last saved checkpoint is intact", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: train(args), interrupted="interrupted: the last saved checkpoint is intact")
 
 
 if __name__ == "__main__":
