@@ -128,7 +128,7 @@ def test_moe_layer_fwd_bwd(benchmark, record, device: str, on_gpu: bool, case, s
 
         return run
 
-    impls = {"triton": moe_mod.moe_experts, "reference_loop": moe_mod.moe_experts_reference,
+    impls = {"triton": moe_mod.moe_experts, "reference": moe_mod.moe_experts_reference,  # the per-expert loop
              "sort_index_add": sort_index_add_moe}
     timer = _timer(on_gpu, device)
     results = {impl: timer(step(fn)) for impl, fn in impls.items()}

@@ -26,6 +26,7 @@ START_MARKER = "<!-- perf:start -->"
 END_MARKER = "<!-- perf:end -->"
 PRESET_ORDER = ("nano", "tiny", "small", "medium", "large")
 IMPL_ORDER = ("triton", "reference")  # columns first; any other impl (e.g. compiled) follows
+BASELINES = ("reference", "dense_matmul")  # what a speedup is measured against, first one present
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Results:
 
     throughput: list[dict[str, Any]] = field(default_factory=list)
     micro: list[dict[str, Any]] = field(default_factory=list)
+    decode: list[dict[str, Any]] = field(default_factory=list)  # generation tokens/s (bench_generate)
     skipped: list[str] = field(default_factory=list)  # files that could not be read, with the reason
 
 
@@ -54,11 +56,14 @@ def load_results(results_dir: Path) -> Results:
             if not isinstance(record, dict):
                 continue
             row = {**record, **meta}
-            if "tokens_per_s" in record:
+            if "op" in record:  # a micro-benchmark: timed per call, or a decode rate
+                if "ms" in record:
+                    results.micro.append(row)
+                elif "tokens_per_s" in record:
+                    results.decode.append(row)
+            elif "tokens_per_s" in record and "preset" in record:
                 row["device"] = record.get("device_name") or meta["device"]
                 results.throughput.append(row)
-            elif "op" in record and "ms" in record:
-                results.micro.append(row)
     return results
 
 
@@ -122,15 +127,22 @@ def micro_groups(results: Results) -> tuple[list[str], list[dict[str, Any]]]:
     return impls, ordered
 
 
+def group_speedup(impls: dict[str, dict[str, Any]]) -> tuple[str, float] | None:
+    """(baseline name, baseline ms over triton ms) for one micro group, or None without both."""
+    baseline = next((b for b in BASELINES if b in impls), None)
+    if baseline is None or "triton" not in impls or not impls["triton"]["ms"]:
+        return None
+    return baseline, impls[baseline]["ms"] / impls["triton"]["ms"]
+
+
 def micro_speedups(groups: list[dict[str, Any]]) -> list[tuple[str, float]]:
-    """(label, reference ms over triton ms) for micro-benchmarks measured with both."""
+    """(label, baseline ms over triton ms) for micro-benchmarks measured with Triton and a baseline."""
     pairs = []
     for group in groups:
-        impls = group["impls"]
-        if "triton" in impls and "reference" in impls and impls["triton"]["ms"]:
+        if (found := group_speedup(group["impls"])) is not None:
             row = group["row"]
             parts = [str(row.get(f)) for f in ("op", "pass", "shape", "dtype") if row.get(f) is not None]
-            pairs.append((" ".join(parts), impls["reference"]["ms"] / impls["triton"]["ms"]))
+            pairs.append((" ".join(parts) + ("" if found[0] == "reference" else f" vs {found[0]}"), found[1]))
     return pairs
 
 
@@ -156,7 +168,7 @@ def _commits_and_devices(rows: Iterable[dict[str, Any]]) -> tuple[str, str]:
 
 def render_markdown(results: Results, chart_link: str | None) -> str:
     """The performance section as markdown (no markers)."""
-    if not results.throughput and not results.micro:
+    if not results.throughput and not results.micro and not results.decode:
         return ("No benchmark results yet. Measure on a GPU with `python -m bench.throughput --preset tiny` "
                 "and `pytest bench/`, then regenerate this section with `python -m bench.report --readme README.md`.")
     lines: list[str] = []
@@ -187,20 +199,27 @@ def render_markdown(results: Results, chart_link: str | None) -> str:
         header = ["op", "pass", "shape", "dtype", *(f"{i} ms" for i in impls), "speedup", "triton rate", "device",
                   "commit"]
         lines += ["### Fused kernels against the PyTorch reference", "",
-                  "Median time per call; speedup is reference time over Triton time.", "",
+                  "Median time per call; speedup is reference time over Triton time (for the grouped GEMM: "
+                  "dense cuBLAS time for the same FLOPs over Triton time).", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for group in groups:
             row, by_impl = group["row"], group["impls"]
             times = [_fmt(by_impl[i]["ms"], ".3f") if i in by_impl else "-" for i in impls]
-            speedup = (f"{by_impl['reference']['ms'] / by_impl['triton']['ms']:.2f}x"
-                       if "triton" in by_impl and "reference" in by_impl and by_impl["triton"]["ms"] else "-")
+            found = group_speedup(by_impl)
+            speedup = f"{found[1]:.2f}x" if found else "-"
             commit = (by_impl.get("triton") or row)["commit"]
             cells = [str(row.get("op", "?")), str(row.get("pass", "-")), str(row.get("shape", "-")),
                      str(row.get("dtype", "-")), *times, speedup, _rate(by_impl.get("triton")), row["device"],
                      f"`{commit}`"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    commits, devices = _commits_and_devices([*rows, *(g["row"] for g in groups)])
+    decode = list(_newest(results.decode, ("device", "op", "impl", "shape")).values())
+    if decode:
+        lines += ["### Generation", "", "| impl | shape | tokens/s | device | commit |", "|---|---|---|---|---|"]
+        lines += [f"| {r.get('impl')} | {r.get('shape')} | {r['tokens_per_s']:,.1f} | {r['device']} | `{r['commit']}` |"
+                  for r in sorted(decode, key=lambda r: (r["device"], str(r.get("impl"))))]
+        lines.append("")
+    commits, devices = _commits_and_devices([*rows, *(g["row"] for g in groups), *decode])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     lines.append(f"Measured at commit(s) {commits} on {devices}; generated {stamp} by "
                  "`python -m bench.report --readme README.md` from `bench/results/*.json`.")

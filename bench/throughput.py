@@ -28,7 +28,8 @@ import torch
 import kernels
 from bench.harness import environment, write_results
 from tachyon.config import PRESETS, ModelConfig, active_params, flops_per_token, get_preset, total_params
-from tachyon.hardware import bf16_peak_flops
+from tachyon.errors import TachyonError, run_cli
+from tachyon.hardware import bf16_peak_flops, resolve_device
 from tachyon.model import TachyonLM
 from tachyon.optim import make_optimizer
 
@@ -69,10 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill device-dependent defaults and check the numbers."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    args.device = resolve_device(args.device)
     on_cuda = args.device.startswith("cuda")
     for key, value in (GPU_DEFAULTS if on_cuda else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
@@ -85,11 +83,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.save = on_cuda
     for name in ("batch_size", "seq_len", "grad_accum", "steps"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise TachyonError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise SystemExit(f"error: --warmup must be at least 0, got {args.warmup}")
+        raise TachyonError(f"--warmup must be at least 0, got {args.warmup}")
     if args.memory_test and not on_cuda:
-        raise SystemExit("error: --memory-test needs a CUDA device (the CPU has no out-of-memory signal to find)")
+        raise TachyonError("--memory-test needs a CUDA device (the CPU has no out-of-memory signal to find)")
     return args
 
 
@@ -97,22 +95,35 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     """The preset with the --set overrides (ints, floats as written) and room for --seq-len."""
     config = get_preset(args.preset)
     changes: dict[str, Any] = {}
-    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
     for item in args.overrides:
         key, _, value = item.partition("=")
         if key not in fields or not value:
-            raise SystemExit(f"error: --set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        changes[key] = float(value) if "." in value or "e" in value else int(value)
-    config = config.replace(**changes) if changes else config
+            raise TachyonError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        changes[key] = _number(item, value)
+    try:
+        config = config.replace(**changes) if changes else config
+    except (ValueError, TypeError) as e:
+        raise TachyonError(f"--set {' '.join(args.overrides)}: {e}") from None
     if args.seq_len > config.max_seq_len:
-        raise SystemExit(f"error: --seq-len {args.seq_len} exceeds the preset's max_seq_len {config.max_seq_len}")
+        raise TachyonError(f"--seq-len {args.seq_len} exceeds the preset's max_seq_len {config.max_seq_len}")
     return config
+
+
+def _number(item: str, value: str) -> int | float:
+    """An int, else a float, from the VALUE of --set FIELD=VALUE."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise TachyonError(f"--set {item!r}: {value!r} is not a number")
 
 
 def peak_memory_gb(device: str) -> float:
     """CUDA allocator peak since the last reset, or this process's peak RSS on the CPU."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
+        return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
@@ -324,7 +335,13 @@ def memory_test(config: ModelConfig, args: argparse.Namespace, backend: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = resolve_args(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: measure(args))
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Run the measurements `args` ask for, print them and write the results."""
+    args = resolve_args(args)
     config = model_config(args)
     backends = ["triton", "reference"] if args.kernels == "both" else [args.kernels]
     device_name, peak = bf16_peak_flops(args.device)
@@ -357,7 +374,6 @@ def main(argv: list[str] | None = None) -> int:
             payload = {"name": "throughput", "environment": environment(), **extra, "records": records}
             Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
             print(f"results written to {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

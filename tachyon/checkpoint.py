@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,16 +26,20 @@ from .model import TachyonLM
 
 DEFAULT_RUN_DIR = Path("runs") / "default"  # where `python -m tachyon.train` with no arguments saves
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+_WRAPPER_PREFIXES = ("_orig_mod", "module")
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes wherever they occur."""
+    """Strip the names wrappers add: leading `module.` (DDP) and `_orig_mod.` (torch.compile).
+
+    `_orig_mod.` is also dropped inside a name (a compiled submodule); nothing else is changed.
+    """
     cleaned = {}
     for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.replace(prefix, "")
-        cleaned[key] = value
+        parts = key.split(".")
+        while len(parts) > 1 and parts[0] in _WRAPPER_PREFIXES:
+            parts.pop(0)
+        cleaned[".".join(p for p in parts if p != "_orig_mod")] = value
     return cleaned
 
 
@@ -43,8 +48,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in run_dir.iterdir() if _NAME.match(p.name)), key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -53,22 +57,38 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def archive_previous_run(run_dir: str | Path) -> Path | None:
-    """Move an earlier run's checkpoints and metrics out of the way, into run_dir/previous/<time>/.
+def archive_previous_run(run_dir: str | Path, after_step: int | None = None) -> Path | None:
+    """Move an earlier run's files out of the way, into run_dir/previous/<time>/; returns that folder or None.
 
-    A new run in a directory that already holds checkpoints must neither mix its checkpoints
-    with the old ones (resume and keep-last would pick the wrong files) nor delete them.
-    Returns the archive folder, or None when there was nothing to move.
+    A new run (after_step None) moves every checkpoint, metrics.jsonl, metrics.png and tensorboard/:
+    mixing two runs' checkpoints would make resume and keep-last pick the wrong files. A run resumed
+    at `after_step` moves only the checkpoints past that step (and keeps a copy of the metrics they
+    belong to), since its own saves would otherwise interleave with them. Nothing is deleted.
     """
     run_dir = Path(run_dir)
-    old = list_checkpoints(run_dir) + [p for p in (run_dir / "metrics.jsonl", run_dir / "metrics.png") if p.exists()]
-    if not old:
+    if after_step is None:
+        extras = [run_dir / name for name in ("metrics.jsonl", "metrics.png", "tensorboard")]
+        moved, copied = list_checkpoints(run_dir) + [p for p in extras if p.exists()], []
+    else:
+        moved = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > after_step]
+        copied = [p for p in (run_dir / "metrics.jsonl",) if moved and p.exists()]
+    if not moved:
         return None
     archive = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
     archive.mkdir(parents=True, exist_ok=True)
-    for path in old:
+    for path in copied:
+        shutil.copy2(path, archive / path.name)
+    for path in moved:
         os.replace(path, archive / path.name)
     return archive
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a `checkpoint_<step>.pt` file name."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named checkpoint_<step>.pt")
+    return int(match.group(1))
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .errors import TachyonError
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -81,7 +83,7 @@ TABLE_TARGETS: dict[str, tuple[float, float]] = {
 }
 
 
-class UnknownPresetError(ValueError):
+class UnknownPresetError(TachyonError, ValueError):
     """A preset name that is not in PRESETS."""
 
 

@@ -173,7 +173,7 @@ class BatchLoader:
     """Infinite (inputs, targets) batches from memory-mapped shards in a seeded order that any worker count repeats.
 
     Every (shard, row, window) is an item; a row of width W gives W // seq_len windows. The split (train/val)
-    is a fixed set of items; each epoch walks a permutation of it drawn with `seed + epoch`, and batches take
+    is a fixed set of items; each epoch walks a permutation of it drawn with the seed and epoch, and batches take
     consecutive runs of that walk (crossing into the next epoch when one ends). The position is one number of
     items consumed, so `state_dict()` resumes at exactly the next unseen batch, even with another batch size.
     Workers (threads) only read ahead; they never change what comes out.
@@ -181,7 +181,7 @@ class BatchLoader:
 
     def __init__(self, data_dir: str | Path, *, batch_size: int, seq_len: int, seed: int = 42, num_workers: int = 0,
                  vocab_size: int | None = None, device: str | torch.device = "cpu", split: str = "train",
-                 val_fraction: float = 0.0, val_shards: int = 0, pad_id: int = 1):
+                 val_fraction: float = 0.0, val_shards: int = 0, pad_id: int | None = 1):
         if batch_size < 1 or seq_len < 2:
             raise TachyonError(f"batch size must be >= 1 and seq-len >= 2 (got {batch_size} and {seq_len})")
         if split not in ("train", "val"):
@@ -243,7 +243,7 @@ class BatchLoader:
     def _perm(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
         if perm is None:
-            perm = np.random.default_rng(self.seed + epoch).permutation(self.num_items)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
             self._perms[epoch] = perm
         return perm
@@ -272,7 +272,8 @@ class BatchLoader:
         inputs = torch.from_numpy(buf)
         targets = torch.full_like(inputs, IGNORE_INDEX)
         targets[:, :-1] = inputs[:, 1:]
-        targets[targets == self.pad_id] = IGNORE_INDEX
+        if self.pad_id is not None:
+            targets[targets == self.pad_id] = IGNORE_INDEX
         if self.device.type == "cuda":
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs, targets
@@ -371,9 +372,10 @@ class ShardWriter:
 
     Shards already in `out_dir` with the expected shape are kept, not rewritten, so an interrupted `prepare`
     run restarts where it stopped. `meta.json` is written last: its presence means the set is complete.
+    The last row is filled up with the pad id, or dropped when the tokenizer has none (pad_id None).
     """
 
-    def __init__(self, out_dir: Path, seq_len: int, shard_rows: int, eot_id: int, pad_id: int,
+    def __init__(self, out_dir: Path, seq_len: int, shard_rows: int, eot_id: int, pad_id: int | None,
                  dtype: np.dtype = np.int32):
         self.out_dir, self.seq_len, self.shard_rows = out_dir, seq_len, shard_rows
         self.eot_id, self.pad_id, self.dtype = eot_id, pad_id, np.dtype(dtype)
@@ -403,11 +405,14 @@ class ShardWriter:
             self._write(flat[start:start + per_shard].reshape(self.shard_rows, self.seq_len))
             start += per_shard
         rest = flat[start:]
+        if final and self.pad_id is None:  # nothing to pad with: drop the partial last row
+            whole = len(rest) - len(rest) % self.seq_len
+            self.n_tokens -= len(rest) - whole
+            rest = rest[:whole]
         if final and len(rest):
-            rows = -(-len(rest) // self.seq_len)
-            last = np.full(rows * self.seq_len, self.pad_id, dtype=self.dtype)
-            last[: len(rest)] = rest
-            self._write(last.reshape(rows, self.seq_len))
+            if short := -len(rest) % self.seq_len:
+                rest = np.concatenate([rest, np.full(short, self.pad_id, dtype=self.dtype)])
+            self._write(rest.reshape(-1, self.seq_len))
             rest = rest[:0]
         self._pending, self._pending_len = ([rest] if len(rest) else []), len(rest)
 
@@ -493,13 +498,13 @@ def prepare(tokenizer: str | Path, inputs: list[str | Path], out: str | Path, se
         old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
         if old.get("tokenizer_sha256") != tok.sha256 or old.get("seq_len") != seq_len:
             raise TachyonError(f"{out} already holds shards from another tokenizer or seq_len; use an empty --out")
-        (out / "meta.json").unlink()  # incomplete again until this run finishes
     settings = {"tokenizer_sha256": tok.sha256, "seq_len": seq_len, "shard_rows": shard_rows, "text_field": text_field,
                 "sources": [str(p.resolve()) for p in files]}
     marker = out / ".prepare.json"  # what the shards already in `out` were made from, for restarts
     if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) != settings:
         raise TachyonError(f"{out} holds an unfinished `prepare` of other inputs or settings; use an empty --out "
                            "or repeat the earlier command to finish it")
+    (out / "meta.json").unlink(missing_ok=True)  # incomplete again until this run finishes
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(marker, settings)
     writer = ShardWriter(out, seq_len, shard_rows, tok.eot_id, tok.pad_id)

@@ -260,7 +260,7 @@ def generate(model: TachyonLM, tokenizer: Tokenizer, prompts: str | list[str], m
     new_ids: list[list[int]] = [[] for _ in texts]
     finished = [False] * len(texts)
     for step in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eot,
-                             tokenizer.pad_id, tokenizer.vocab_size):
+                             tokenizer.fill_id, tokenizer.vocab_size):
         for row, token in enumerate(step.tolist()):
             if finished[row] or token == eot:
                 finished[row] = True
@@ -380,7 +380,7 @@ def stream_completion(model: TachyonLM, tokenizer: Tokenizer, prompt: str, args:
     count, hit_eot = 0, False
     start = time.perf_counter()
     for step in generate_ids(model, prompt_ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                             generator, tokenizer.eot_id, tokenizer.pad_id, tokenizer.vocab_size, amp):
+                             generator, tokenizer.eot_id, tokenizer.fill_id, tokenizer.vocab_size, amp):
         token = int(step[0])
         count += 1
         if token == tokenizer.eot_id:

@@ -1,17 +1,17 @@
-"""Device facts for MFU: the dense bf16 tensor-core peak of known GPUs."""
+"""Device facts: the dense bf16 tensor-core peak of known GPUs (for MFU), and turning --device into a device."""
 
 from __future__ import annotations
 
 import torch
 
+from .errors import TachyonError
+
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of the device name.
 _BF16_PEAK = {
     "H200": 989e12,
-    "H100 SXM": 989e12,
     "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "GH200": 989e12,
+    "H100": 989e12,  # SXM; also matches GH200
     "B200": 2250e12,
     "A100": 312e12,
     "L40S": 362e12,
@@ -31,3 +31,20 @@ def bf16_peak_flops(device: torch.device | str | None = None) -> tuple[str, floa
         if key in name:
             return name, peak
     return name, None
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda or cpu; a CUDA device is checked and made current (so cuda:1 runs its kernels on GPU 1)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TachyonError(f"--device {name} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TachyonError(f"--device {name} was asked for but no CUDA GPU is available: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TachyonError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        torch.cuda.set_device(device)
+    return name

@@ -64,9 +64,7 @@ class TachyonLM(nn.Module):
     def _init_weights(self) -> None:
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "shared.w2.weight")):
-                nn.init.normal_(p, std=residual_std)
-            elif name.endswith("moe.w2"):
+            if name.endswith(("attn.proj.weight", "shared.w2.weight", "moe.w2")):  # residual-stream outputs
                 nn.init.normal_(p, std=residual_std)
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -32,7 +31,7 @@ def router_losses(logits: torch.Tensor, lse: torch.Tensor, counts: torch.Tensor,
     """
     num_tokens, num_experts = logits.shape
     z_loss = z_coef * lse.pow(2).mean()
-    mean_prob = torch.softmax(logits, dim=-1).mean(0)  # (E,)
+    mean_prob = torch.exp(logits - lse[:, None]).mean(0)  # (E,) softmax from the router's own logsumexp
     fraction = counts.float() / (num_tokens * top_k)  # (E,)
     balance = balance_coef * num_experts * (mean_prob * fraction).sum()
     return RouterStats(z_loss, balance, fraction.detach())
@@ -48,9 +47,7 @@ class MoE(nn.Module):
         self.z_coef, self.balance_coef = config.z_loss_coef, config.balance_loss_coef
         self.router = nn.Linear(d, E, bias=False)
         self.w13 = nn.Parameter(torch.empty(E, d, 2 * f))  # gate in [..., :f], up in [..., f:]
-        self.w2 = nn.Parameter(torch.empty(E, f, d))
-        nn.init.normal_(self.w13, std=1 / math.sqrt(d))
-        nn.init.normal_(self.w2, std=1 / math.sqrt(f))
+        self.w2 = nn.Parameter(torch.empty(E, f, d))  # initialised by TachyonLM._init_weights
         self.shared = SwiGLU(d, config.n_shared_experts * config.d_shared_ff)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:

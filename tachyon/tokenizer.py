@@ -40,8 +40,13 @@ class Tokenizer:
     sha256: str
     vocab_size: int
     eot_id: int
-    pad_id: int
+    pad_id: int | None  # None when the tokenizer has no pad token: then nothing is masked as padding
     backend: object = field(repr=False)  # the tokenizers.Tokenizer
+
+    @property
+    def fill_id(self) -> int:
+        """The id to pad batches with: pad, or end-of-text for tokenizers without a pad token."""
+        return self.eot_id if self.pad_id is None else self.pad_id
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without any special tokens added."""
@@ -86,7 +91,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                            "add one as a special token")
     pad_id = _special_id(backend, PAD_NAMES)
     return Tokenizer(path=path.resolve(), sha256=file_sha256(path), vocab_size=backend.get_vocab_size(),
-                     eot_id=eot_id, pad_id=eot_id if pad_id is None else pad_id, backend=backend)
+                     eot_id=eot_id, pad_id=pad_id, backend=backend)
 
 
 def padded_vocab_size(n: int, multiple: int = 64) -> int:

@@ -16,7 +16,8 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,10 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import PRESETS, ModelConfig, UnknownPresetError, active_params, flops_per_token, get_preset, total_params
+from .config import PRESETS, ModelConfig, active_params, flops_per_token, get_preset, total_params
 from .data import BatchLoader, embedded_default
 from .errors import TachyonError, run_cli
-from .hardware import bf16_peak_flops
+from .hardware import bf16_peak_flops, resolve_device
 from .model import TachyonLM
 from .optim import lr_at, make_optimizer
 from .tokenizer import Tokenizer, check_fits, load_tokenizer, padded_vocab_size
@@ -52,39 +53,63 @@ REAL_DATA_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=2048, lr=3e-4, m
 MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows '(default: X)' for options with a plain default; options whose default depends on the data say so."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default not in (None, argparse.SUPPRESS) and not isinstance(default, bool) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _by_data(key: str) -> str:
+    """'(default: X on the embedded corpus, Y on --data-dir)' for an option whose default depends on the data."""
+    return f"(default: {EMBEDDED_DEFAULTS[key]} on the embedded corpus, {REAL_DATA_DEFAULTS[key]} on --data-dir)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tachyon.train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--preset", "--model_size", "--model-size", dest="preset",
-      help=f"model preset: {', '.join(PRESETS)} (default: nano on the embedded corpus, tiny on --data-dir)")
+      help=f"model preset: {', '.join(PRESETS)} {_by_data('preset')}")
     a("--data-dir", "--data_dir", dest="data_dir", type=Path, help="folder of shard_*.npy (default: embedded corpus)")
     a("--tokenizer", type=Path, help="tokenizers JSON matching the shards (default: embedded tokenizer)")
-    a("--batch-size", "--batch_size", dest="batch_size", type=int, help="sequences per micro-batch")
+    a("--batch-size", "--batch_size", dest="batch_size", type=int,
+      help=f"sequences per micro-batch {_by_data('batch_size')}")
     a("--grad-accum", "--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1,
       help="micro-batches per optimizer step")
-    a("--seq-len", "--seq_len", dest="seq_len", type=int, help="tokens per sequence")
-    a("--lr", type=float, help="peak learning rate")
-    a("--min-lr", "--min_lr", dest="min_lr", type=float, help="final learning rate of the cosine decay")
-    a("--warmup", "--warmup_steps", dest="warmup", type=int, help="linear warmup steps")
-    a("--max-steps", "--max_steps", dest="max_steps", type=int, help="optimizer steps")
+    a("--seq-len", "--seq_len", dest="seq_len", type=int, help=f"tokens per sequence {_by_data('seq_len')}")
+    a("--lr", type=float, help=f"peak learning rate {_by_data('lr')}")
+    a("--min-lr", "--min_lr", dest="min_lr", type=float,
+      help=f"final learning rate of the cosine decay {_by_data('min_lr')}")
+    a("--warmup", "--warmup_steps", dest="warmup", type=int, help=f"linear warmup steps {_by_data('warmup')}")
+    a("--max-steps", "--max_steps", dest="max_steps", type=int, help=f"optimizer steps {_by_data('max_steps')}")
     a("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=0.1,
       help="AdamW weight decay (not on norms, biases or embeddings)")
-    a("--grad-clip", "--grad_clip", dest="grad_clip", type=float, default=1.0, help="gradient-norm clip")
-    a("--log-interval", "--log_interval", dest="log_interval", type=int, help="steps between log lines")
+    a("--grad-clip", "--grad_clip", dest="grad_clip", type=float, default=1.0,
+      help="clip the gradient norm to this (0: no clipping)")
+    a("--log-interval", "--log_interval", dest="log_interval", type=int,
+      help=f"steps between log lines {_by_data('log_interval')}")
     a("--save-interval", "--save_interval", dest="save_interval", type=int,
-      help="steps between checkpoints (0: only at the end)")
+      help=f"steps between checkpoints, 0: only at the end {_by_data('save_interval')}")
     a("--save-dir", "--save_dir", dest="save_dir", type=Path,
       help=f"run directory for checkpoints and metrics.jsonl (default: {DEFAULT_RUN_DIR} or runs/<preset>)")
-    a("--keep-last", dest="keep_last", type=int, default=3, help="checkpoints kept (older ones deleted)")
+    a("--keep-last", "--keep_last", dest="keep_last", type=int, default=3,
+      help="checkpoints kept, older ones deleted (0: keep all)")
     a("--resume", help="'latest' (newest checkpoint in --save-dir) or a checkpoint path")
-    a("--eval-interval", dest="eval_interval", type=int, help="steps between validation evals (0: only at the end)")
-    a("--eval-batches", dest="eval_batches", type=int, default=8, help="batches per validation eval")
-    a("--val-fraction", dest="val_fraction", type=float, help="fraction of sequences held out for validation")
-    a("--val-shards", dest="val_shards", type=int, default=0, help="last N shards held out for validation")
+    a("--eval-interval", "--eval_interval", dest="eval_interval", type=int,
+      help=f"steps between validation evals, 0: only at the end {_by_data('eval_interval')}")
+    a("--eval-batches", "--eval_batches", dest="eval_batches", type=int, default=8, help="batches per validation eval")
+    a("--val-fraction", "--val_fraction", dest="val_fraction", type=float,
+      help=f"fraction of sequences held out for validation {_by_data('val_fraction')}")
+    a("--val-shards", "--val_shards", dest="val_shards", type=int, default=0,
+      help="last N shards held out for validation")
     a("--no-compile", "--no_compile", dest="compile", action="store_false",
       help="do not torch.compile the model (compiled by default on CUDA)")
-    a("--gradient-checkpointing", dest="grad_ckpt", action="store_true", default=None,
+    a("--gradient-checkpointing", "--gradient_checkpointing", dest="grad_ckpt", action="store_true", default=None,
       help="recompute activations in backward to save memory")
     a("--no-gradient-checkpointing", "--no_gradient_checkpointing", dest="grad_ckpt", action="store_false",
       help="keep activations (default except for the medium and large presets on CUDA)")
@@ -94,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
       help="auto: bf16 autocast on CUDA, fp32 on the CPU")
     a("--kernels", default=None, choices=kernels.BACKENDS,
-      help="fused Triton kernels or the PyTorch reference (default: $TACHYON_KERNELS or auto)")
+      help="fused Triton kernels, the PyTorch reference, or auto: Triton on CUDA (default: $TACHYON_KERNELS or auto)")
     a("--tensorboard", action="store_true", help="also log to TensorBoard in the run directory")
     return p
 
@@ -110,16 +135,17 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             args.save_dir = Path("runs") / args.preset
         else:  # the nano run lands where `python -m tachyon.generate` looks by default
             args.save_dir = DEFAULT_RUN_DIR if args.preset == "nano" else Path("runs") / f"default-{args.preset}"
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TachyonError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    preset = get_preset(args.preset)  # checked before any data is built
+    if args.seq_len > preset.max_seq_len:
+        raise TachyonError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's max_seq_len "
+                           f"{preset.max_seq_len}: use --seq-len {preset.max_seq_len} or less")
+    args.device = resolve_device(args.device)
     if args.dtype == "auto":
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.grad_ckpt is None:
         args.grad_ckpt = args.device.startswith("cuda") and args.preset in ("medium", "large")
     args.compile = args.compile and args.device.startswith("cuda")
-    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "log_interval"):
+    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "log_interval", "eval_batches"):
         if getattr(args, name) < 1:
             raise TachyonError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.val_fraction < 1:
@@ -129,16 +155,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace, tokenizer: Tokenizer | None) -> ModelConfig:
     """The preset, with vocab_size shrunk to the tokenizer's (padded to 64) when it is smaller."""
-    try:
-        config = get_preset(args.preset)
-    except UnknownPresetError as e:
-        raise TachyonError(str(e)) from None
+    config = get_preset(args.preset)
     if tokenizer is not None:
         check_fits(tokenizer, config.vocab_size)
         config = config.replace(vocab_size=min(config.vocab_size, padded_vocab_size(tokenizer.vocab_size)))
-    if args.seq_len > config.max_seq_len:
-        raise TachyonError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's max_seq_len "
-                           f"{config.max_seq_len}: use --seq-len {config.max_seq_len} or less")
     return config
 
 
@@ -178,39 +198,47 @@ def find_resume(args: argparse.Namespace) -> Path | None:
 def memory_gb(device: str) -> float:
     """Peak memory of this run: CUDA allocator peak, or the process's peak RSS on the CPU."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
+        return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 class MetricsLog:
     """Appends one JSON object per logged step or eval to run_dir/metrics.jsonl (and TensorBoard if asked).
 
-    A resumed run drops what the interrupted run logged after its checkpoint. A new run in a
-    directory holding an earlier run's files moves them aside at its first record, so a run
-    that fails before completing a step leaves the directory exactly as it was.
+    The run directory is claimed at the first record, so a run that fails before completing a step
+    leaves it exactly as it was: a new run then moves an earlier run's files to previous/<time>/; a
+    resumed run moves checkpoints past its step there and drops the metrics logged after its checkpoint.
     """
 
     def __init__(self, run_dir: Path, tensorboard: bool, resumed_at: int | None = None) -> None:
-        self.run_dir = run_dir
+        self.run_dir, self.tensorboard, self.resumed_at = run_dir, tensorboard, resumed_at
         self.path = run_dir / "metrics.jsonl"
-        self.fresh = resumed_at is None
-        if resumed_at is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        self.claimed = False
+        self.archive: Path | None = None  # where an earlier run's files were moved, if anywhere
         self.writer = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                import torch.utils.tensorboard  # noqa: F401 - checked now, used at the first record
             except ImportError:
                 raise TachyonError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _claim(self) -> None:
+        self.claimed = True
+        self.archive = archive_previous_run(self.run_dir, after_step=self.resumed_at)
+        if self.archive is not None:
+            what = "an earlier run" if self.resumed_at is None else f"checkpoints past step {self.resumed_at}"
+            tqdm.write(f"{self.run_dir} held {what}: moved to {self.archive}")
+        if self.resumed_at is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= self.resumed_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.fresh:
-            self.fresh = False
-            if (archive := archive_previous_run(self.run_dir)) is not None:
-                tqdm.write(f"{self.run_dir} held an earlier run: its checkpoints and metrics were moved to {archive}")
+        if not self.claimed:
+            self._claim()
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -221,6 +249,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or torn line (a run killed mid-write), so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -238,13 +274,21 @@ def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> t
     return bad
 
 
+def saved_so_far(run_dir: Path, archive: Path | None) -> str:
+    """Where the last good weights are, for an error that ends a run."""
+    if (last := latest_checkpoint(run_dir)) is not None:
+        return f"the last good checkpoint {last} is untouched"
+    return "no checkpoint of this run was saved" + (f"; the earlier run's are in {archive}" if archive else "")
+
+
 def bad_streak_checked(streak: torch.Tensor, device: torch.device) -> bool:
     """On the CPU (already synchronised each step) look at the streak every step; on CUDA only at log lines."""
     return device.type != "cuda" and streak.item() > 0
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, autocast) -> float:
+def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int,
+             autocast: Callable[[], AbstractContextManager]) -> float:
     """Mean cross-entropy over the first `batches` validation batches (the same ones at every eval)."""
     loader.reset()
     model.eval()
@@ -282,12 +326,14 @@ def train(args: argparse.Namespace) -> Path:
         if diff := config_mismatch(saved, config):
             raise TachyonError(f"checkpoint {resume_path} was trained with another config: {diff}")
 
-    pad_id = tokenizer.pad_id if tokenizer is not None else 1
+    pad_id = tokenizer.pad_id if tokenizer is not None else 1  # shards without a tokenizer: the original's layout
     loader_args = dict(batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, vocab_size=config.vocab_size,
                        device=args.device, val_fraction=args.val_fraction, val_shards=args.val_shards, pad_id=pad_id)
     loader = BatchLoader(data_dir, split="train", num_workers=args.num_workers, **loader_args)
     val_loader = (BatchLoader(data_dir, split="val", **loader_args)
                   if args.val_fraction > 0 or args.val_shards > 0 else None)
+    if val_loader is None:
+        log("no validation split, so no validation loss: pass --val-fraction 0.01 or --val-shards 1 to get one")
 
     device = torch.device(args.device)
     model = TachyonLM(config).to(device)
@@ -329,9 +375,12 @@ def train(args: argparse.Namespace) -> Path:
         log(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
         metrics.write({"kind": "eval", "step": step, "val_loss": val_loss})
 
-    sums = torch.zeros(4, device=device)  # loss, ce, z_loss, balance summed over micro-batches
+    sums = torch.zeros(4, device=device)  # loss, ce, z_loss, balance summed over the applied steps' micro-batches
+    step_sums = torch.zeros(4, device=device)  # the same for the current step only
     fractions = torch.zeros(config.n_layers, config.n_routed_experts, device=device)
     streak, skipped = torch.zeros((), device=device), torch.zeros((), device=device)
+    applied = torch.zeros((), device=device)  # steps since the last log line whose update was applied
+    max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     interval_steps, interval_start = 0, time.perf_counter()
     last_path = None
     bar = tqdm(total=args.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
@@ -346,12 +395,15 @@ def train(args: argparse.Namespace) -> Path:
                 with autocast():
                     out = step_model(x, y)
                 (out.loss / args.grad_accum).backward()
-                sums += torch.stack([out.loss, out.ce, out.z_loss, out.balance_loss]).detach().float()
+                step_sums += torch.stack([out.loss, out.ce, out.z_loss, out.balance_loss]).detach().float()
                 fractions += out.expert_fraction.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             bad = guarded_step(optimizer, norm)
             streak = (streak + bad) * bad  # consecutive non-finite steps, counted on the device
             skipped += bad
+            applied += 1 - bad
+            sums += torch.where(bad > 0, 0.0, step_sums)  # a skipped step's NaN stays out of the logged means
+            step_sums.zero_()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             interval_steps += 1
@@ -362,24 +414,24 @@ def train(args: argparse.Namespace) -> Path:
                     log(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient were skipped")
                     skipped.zero_()
                 if (run_of_bad := int(streak.item())) >= MAX_BAD_STEPS:
-                    raise TachyonError(
-                        f"training diverged: {run_of_bad} non-finite steps in a row up to step {step}; "
-                        f"the last good checkpoint is untouched in {run_dir} (try a lower --lr)")
+                    raise TachyonError(f"training diverged: {run_of_bad} non-finite steps in a row up to step {step}; "
+                                       f"{saved_so_far(run_dir, metrics.archive)} (try a lower --lr)")
             if step == 1 or step % args.log_interval == 0 or step == args.max_steps:
                 elapsed = time.perf_counter() - interval_start
-                n = interval_steps * args.grad_accum
-                loss, ce, z, bal = (sums / n).tolist()
-                load = (fractions / n).cpu()
+                loss, ce, z, bal = (sums / (applied * args.grad_accum)).tolist()  # nan if every step was skipped
+                load = (fractions / (interval_steps * args.grad_accum)).cpu()
                 tok_s = interval_steps * tokens_per_step / elapsed
                 mfu = tok_s * flops_tok / peak if peak else None
                 imbalance = (load.max(dim=1).values * config.n_routed_experts).max().item()
+                mem = memory_gb(args.device)
                 log(f"step {step:>6} | loss {loss:.4f} | ce {ce:.4f} | z {z:.2e} | bal {bal:.4f} | lr {lr:.2e} | "
                     f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                    + f" | mem {memory_gb(args.device):.2f} GB | max expert load {imbalance:.2f}x")
+                    + f" | mem {mem:.2f} GB | max expert load {imbalance:.2f}x")
                 metrics.write({"kind": "train", "step": step, "loss": loss, "ce": ce, "z_loss": z,
                                "balance_loss": bal, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
-                               "memory_gb": memory_gb(args.device), "expert_load": load.tolist()})
+                               "memory_gb": mem, "expert_load": load.tolist()})
                 sums.zero_()
+                applied.zero_()
                 fractions.zero_()
                 interval_steps, interval_start = 0, time.perf_counter()
             if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:

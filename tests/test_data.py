@@ -418,3 +418,15 @@ def test_embedded_corpus_is_deterministic_and_capped() -> None:
     a, n = data._stdlib_documents(200_000)
     b, _ = data._stdlib_documents(200_000)
     assert a == b and n >= 2 and sum(len(d.encode()) for d in a) <= 200_000
+
+
+def test_without_a_pad_token_nothing_is_masked_and_the_partial_last_row_is_dropped(tmp_path: Path) -> None:
+    writer = data.ShardWriter(tmp_path, seq_len=4, shard_rows=100, eot_id=0, pad_id=None)
+    for doc in ([5, 6, 7], [8, 9], [1, 2]):  # 4 + 3 + 3 tokens with their end-of-texts
+        writer.add(doc)
+    meta = writer.finish({})
+    assert meta["pad_id"] is None and meta["num_tokens"] == 8
+    assert np.load(tmp_path / "shard_00000.npy").tolist() == [[5, 6, 7, 0], [8, 9, 0, 1]]
+    loader = BatchLoader(tmp_path, batch_size=2, seq_len=4, vocab_size=16, pad_id=None, seed=0)
+    _, y = next(loader)
+    assert (y == 1).any() and (y == 0).sum() == 2  # id 1 is an ordinary token here, end-of-text is scored

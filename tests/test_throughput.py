@@ -39,9 +39,16 @@ def test_both_backends_print_the_ratio(capsys: pytest.CaptureFixture[str]) -> No
     assert "step-time breakdown" in text and "backward" in text
 
 
-def test_memory_test_needs_cuda() -> None:
-    with pytest.raises(SystemExit, match="CUDA"):
-        throughput.resolve_args(throughput.build_parser().parse_args(["--device", "cpu", "--memory-test"]))
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--memory-test"], "--memory-test needs a CUDA device"),
+    (["--set", "n_layers=two"], "'two' is not a number"),
+    (["--set", "depth=2"], "expected FIELD=VALUE with FIELD one of vocab_size"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert throughput.main(["--device", "cpu", "--no-save", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
 
 
 @pytest.mark.parametrize(("capacity", "start"), [(1, 1), (37, 1), (37, 8), (64, 1), (5, 16), (0, 4), (10_000, 1)])
@@ -73,6 +80,9 @@ def test_report_turns_results_into_a_table_and_a_chart(tmp_path: Path, capsys: p
          "gbps": 2700.0},
         {"op": "rms_norm", "impl": "reference", "pass": "fwd", "shape": "65536x512", "dtype": "bf16", "ms": 0.2},
         {"op": "swiglu", "impl": "triton", "ms": 0.1},  # no reference, no pass/shape/dtype: still listed
+        {"op": "grouped_gemm_up", "impl": "triton", "shape": "tiny,T=16384", "ms": 0.9, "tflops": 610.0},
+        {"op": "grouped_gemm_up", "impl": "dense_matmul", "shape": "tiny,T=16384", "ms": 0.81, "tflops": 680.0},
+        {"op": "decode", "impl": "cached", "shape": "nano 512 new", "seconds": 0.5, "tokens_per_s": 1024.0},
         {"impl": "triton"},  # not a usable record
     ])
     (tmp_path / "broken.json").write_text("{")
@@ -83,6 +93,9 @@ def test_report_turns_results_into_a_table_and_a_chart(tmp_path: Path, capsys: p
     text = capsys.readouterr().out
     assert "| tiny | triton | yes | 32 x 2048 | 510,000 | 33.0% | 41.5 GB | NVIDIA H100 80GB HBM3 | `abc1234` |" in text
     assert "1.70x" in text and "4.00x" in text and "2,700 GB/s" in text and "swiglu" in text
+    assert "0.90x" in text and "vs dense_matmul" not in text  # grouped GEMM against cuBLAS (chart label only)
+    assert "| cached | nano 512 new | 1,024.0 |" in text  # decode rates get their own table, not the throughput one
+    assert text.count("| tiny |") == 2
     assert "commit(s) `abc1234` on NVIDIA H100 80GB HBM3" in text
     png = tmp_path / "speedups.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

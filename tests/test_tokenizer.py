@@ -62,3 +62,16 @@ def test_check_fits(small_tokenizer: Path) -> None:
     check_fits(tok, tok.vocab_size)
     with pytest.raises(TachyonError, match=f"has {tok.vocab_size} tokens but the model's vocab_size is 10"):
         check_fits(tok, 10)
+
+
+def test_a_tokenizer_without_a_pad_token_has_pad_id_none(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator([SAMPLE], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                              show_progress=False))
+    backend.save(str(tmp_path / "nopad.json"))
+    tok = load_tokenizer(tmp_path / "nopad.json")
+    assert (tok.eot_id, tok.pad_id, tok.fill_id) == (0, None, 0)  # end-of-text is never treated as padding

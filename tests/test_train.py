@@ -168,3 +168,59 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path: Path) -> Non
     (run / "checkpoint_4.pt").unlink()  # as if the run had died after logging step 4, before saving it
     assert main(base_args(data, run, "--max-steps", "4", "--resume", "latest")) == 0
     assert [r["step"] for r in logged(run)] == [1, 2, 3, 4]
+
+
+def test_resume_from_an_older_checkpoint_moves_later_ones_aside(tmp_path: Path) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "6", "--save-interval", "2", "--keep-last", "5")) == 0
+    later = {name: digest(run / name) for name in ("checkpoint_4.pt", "checkpoint_6.pt")}
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # a torn last line, as from a run killed mid-write
+    assert main(base_args(data, run, "--max-steps", "4", "--resume", str(run / "checkpoint_2.pt"))) == 0
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_2.pt", "checkpoint_4.pt"]
+    (archived,) = (run / "previous").iterdir()
+    assert {name: digest(archived / name) for name in later} == later  # the later run's saves, untouched
+    assert (archived / "metrics.jsonl").exists()
+    assert [r["step"] for r in logged(run)] == [1, 2, 3, 4]
+
+
+def test_grad_clip_zero_means_no_clipping(tmp_path: Path) -> None:
+    data = make_shards(tmp_path / "data")
+    assert main(base_args(data, tmp_path / "off", "--max-steps", "3", "--grad-clip", "0")) == 0
+    assert main(base_args(data, tmp_path / "huge", "--max-steps", "3", "--grad-clip", "1e30")) == 0
+    assert [r["loss"] for r in logged(tmp_path / "off")] == [r["loss"] for r in logged(tmp_path / "huge")]
+
+
+def test_a_skipped_step_stays_out_of_the_logged_loss(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from tachyon.model import TachyonLM
+
+    forward, calls = TachyonLM.forward, []
+
+    def nan_on_second_call(self, idx, targets=None, **kw):
+        out = forward(self, idx, targets, **kw)
+        calls.append(1)
+        return out._replace(loss=out.loss * float("nan")) if len(calls) == 2 else out
+
+    monkeypatch.setattr(TachyonLM, "forward", nan_on_second_call)
+    data = make_shards(tmp_path / "data")
+    argv = base_args(data, tmp_path / "run", "--max-steps", "3")
+    argv[argv.index("--log-interval") + 1] = "3"
+    assert main(argv) == 0
+    assert "1 step(s) with a non-finite loss or gradient were skipped" in capsys.readouterr().out
+    assert all(np.isfinite(r["loss"]) for r in logged(tmp_path / "run"))
+
+
+def test_eval_batches_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_shards(tmp_path / "data")
+    expect_error(capsys, base_args(data, tmp_path / "run", "--eval-batches", "0"), "--eval-batches must be at least 1")
+
+
+def test_bad_preset_and_seq_len_fail_before_the_embedded_corpus_is_built(capsys: pytest.CaptureFixture,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the embedded corpus was built for a run that cannot start")
+
+    monkeypatch.setattr("tachyon.train.embedded_default", must_not_build)
+    expect_error(capsys, ["--seq-len", "100000", "--device", "cpu"], "--seq-len 100000", "max_seq_len")
+    expect_error(capsys, ["--preset", "huge", "--device", "cpu"], "unknown preset 'huge'")
