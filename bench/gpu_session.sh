@@ -2,10 +2,12 @@
 # The GPU checks of one device session, prepared in advance (the device tool runs it from the repo
 # root; the device image already holds torch, triton, pytest, pytest-benchmark and the rest).
 #
-#   bash bench/gpu_session.sh [stage ...]     stages: info tests bench throughput report (default: all)
+#   bash bench/gpu_session.sh [stage ...]   stages: info tests throughput bench profile report (default: all)
 #
-# Each stage has its own time limit so a slow one cannot eat the session; everything it prints
-# goes to logs/, every result JSON to bench/results/, and both come back as one tarball in $OUT.
+# Each stage has its own time limit, clipped to what is left of a session deadline (DEADLINE_S,
+# default 540 s, under the device tool's 600 s per call), so a slow stage cannot eat the session
+# and `report` always runs. Everything a stage prints goes to logs/, every result JSON to
+# bench/results/, and both come back as one tarball in $OUT.
 # Liger-Kernel, when wanted as a peer, travels as wheels in .whl/ (see the device README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +15,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT" logs bench/results
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(info tests bench throughput report)
+[ ${#stages[@]} -eq 0 ] && stages=(info tests throughput bench profile report)
+deadline=$((SECONDS + ${DEADLINE_S:-540}))
 
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -22,6 +25,10 @@ fi
 
 run_stage() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
+  local left=$((deadline - SECONDS - 20))  # 20 s kept for the report and the tarball
+  [ "$name" = report ] && left=$((deadline - SECONDS + 60))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then echo "== $name: skipped, no time left" | tee -a logs/session.log; return; fi
   echo "== $name (limit ${limit}s): $*" | tee -a logs/session.log
   local start=$SECONDS
   timeout "$limit" "$@" > "logs/$name.log" 2>&1
@@ -41,7 +48,7 @@ for stage in "${stages[@]}"; do
       ;;
     profile) run_stage profile 240 python3 -m bench.throughput --preset tiny --kernels triton --profile --steps 5 ;;
     report) run_stage report 60 python3 -m bench.report --readme README.md ;;
-    *) echo "unknown stage $stage (info tests bench throughput profile report)"; exit 2 ;;
+    *) echo "unknown stage $stage (info tests throughput bench profile report)"; exit 2 ;;
   esac
 done
 tar czf "$OUT/gpu-session.tgz" logs bench/results README.md
