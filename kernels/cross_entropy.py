@@ -7,7 +7,8 @@ largest tensors of a small model's training step. The Triton path walks the toke
 per chunk one cuBLAS matmul gives the logits, one Triton kernel turns them in place into their
 gradient (online softmax over vocab blocks), and two more matmuls fold that gradient into dx
 and dweight at once. The forward therefore already holds both gradients; the backward only
-scales them by the incoming gradient (the Liger-Kernel scheme).
+scales them by the incoming gradient (the Liger-Kernel scheme). When no gradient is needed
+(evaluation, torch.no_grad) the forward computes the loss alone.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def _cross_entropy_fwd_kernel(
     vocab_size,  # V
     stride_row,  # logits elements between consecutive rows
     ignore_index,  # the target id that marks an ignored row
+    WRITE_GRAD: tl.constexpr,  # overwrite the logits with their gradient (False: the loss alone)
     BLOCK_V: tl.constexpr,  # vocab columns per loop iteration (a power of two)
 ):
     """One program per row: logsumexp by online softmax over vocab blocks, the row's loss, then
-    a second sweep that overwrites the logits with (softmax - onehot) / n_valid (0 if ignored)."""
+    (WRITE_GRAD) a second sweep that overwrites the logits with (softmax - onehot) / n_valid (0 if ignored)."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
@@ -78,12 +80,13 @@ def _cross_entropy_fwd_kernel(
     target_logit = tl.load(base + safe_target).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
 
-    for start in range(0, vocab_size, BLOCK_V):
-        offs = start + cols
-        in_vocab = offs < vocab_size
-        z = tl.load(base + offs, mask=in_vocab, other=0.0).to(tl.float32)
-        grad = tl.exp(z - lse) - tl.where(offs == safe_target, 1.0, 0.0)
-        tl.store(base + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=in_vocab)
+    if WRITE_GRAD:
+        for start in range(0, vocab_size, BLOCK_V):
+            offs = start + cols
+            in_vocab = offs < vocab_size
+            z = tl.load(base + offs, mask=in_vocab, other=0.0).to(tl.float32)
+            grad = tl.exp(z - lse) - tl.where(offs == safe_target, 1.0, 0.0)
+            tl.store(base + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=in_vocab)
 
 
 def _block_v(vocab_size: int) -> int:
@@ -97,33 +100,43 @@ def chunk_tokens_for(vocab_size: int, dtype: torch.dtype) -> int:
     return max(64, CHUNK_BYTES // per_token // 64 * 64)
 
 
+def _grad_shapes(x: torch.Tensor, weight: torch.Tensor, needs_grad: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the op's dx and dweight outputs: x's and weight's, or (0,) each when no gradient is needed."""
+    return (tuple(x.shape), tuple(weight.shape)) if needs_grad else ((0,), (0,))
+
+
 def _fused_forward(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_tokens: int
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_tokens: int,
+    needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, dloss/dx, dloss/dweight) for x (N, d), weight (V, d), targets (N,)."""
+    """(loss, dloss/dx, dloss/dweight) for x (N, d), weight (V, d), targets (N,); without
+    `needs_grad` only the loss is computed and both gradients are empty."""
     num_tokens, _ = x.shape
     targets = targets.contiguous()
     vocab_size = weight.shape[0]
     chunk = chunk_tokens or chunk_tokens_for(vocab_size, x.dtype)
     n_valid = (targets != ignore_index).sum()  # stays on the device: no host sync
     row_loss = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx_shape, dweight_shape = _grad_shapes(x, weight, needs_grad)
+    dx = torch.empty(dx_shape, dtype=x.dtype, device=x.device)
     # dweight sums one product per chunk: keep the running sum in fp32 for half-precision inputs.
-    dweight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=x.device)
+    dweight = torch.zeros(dweight_shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=x.device)
     block_v = _block_v(vocab_size)
     for start in range(0, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
         x_chunk = x[start:end]
-        logits = x_chunk @ weight.t()  # (C, V) in x's dtype; becomes the gradient below
+        logits = x_chunk @ weight.t()  # (C, V) in x's dtype; becomes the gradient below when needs_grad
         _cross_entropy_fwd_kernel[(end - start,)](
             logits, targets[start:end], row_loss[start:end], n_valid, vocab_size, logits.stride(0),
-            ignore_index, BLOCK_V=block_v, num_warps=8,  # 8 warps: 16 columns per thread per 4096-wide sweep
+            ignore_index, WRITE_GRAD=needs_grad, BLOCK_V=block_v,
+            num_warps=8,  # 8 warps: 16 columns per thread per 4096-wide sweep
         )
-        torch.mm(logits, weight, out=dx[start:end])
-        if dweight.dtype == logits.dtype:
-            dweight.addmm_(logits.t(), x_chunk)
-        else:
-            dweight += logits.t() @ x_chunk
+        if needs_grad:
+            torch.mm(logits, weight, out=dx[start:end])
+            if dweight.dtype == logits.dtype:
+                dweight.addmm_(logits.t(), x_chunk)
+            else:
+                dweight += logits.t() @ x_chunk
     loss = row_loss.sum() / n_valid.clamp(min=1)
     return loss, dx, dweight.to(weight.dtype)
 
@@ -135,18 +148,24 @@ def _fused_forward(
 
 @torch.library.custom_op("kernels::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_tokens: int
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_tokens: int,
+    needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked Triton forward. Returns (loss, dx, dweight): the gradients are computed here
-    and only scaled in the backward, so no logits are kept between forward and backward."""
-    return _fused_forward(x, weight, targets, ignore_index, chunk_tokens)
+    and only scaled in the backward, so no logits are kept between forward and backward. Without
+    `needs_grad`, dx and dweight are empty (0,) tensors and the forward does the loss's work only."""
+    return _fused_forward(x, weight, targets, ignore_index, chunk_tokens, needs_grad)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_tokens: int
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_tokens: int,
+    needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(weight)
+    dx_shape, dweight_shape = _grad_shapes(x, weight, needs_grad)
+    return (torch.empty((), dtype=torch.float32, device=x.device),
+            torch.empty(dx_shape, dtype=x.dtype, device=x.device),
+            torch.empty(dweight_shape, dtype=weight.dtype, device=weight.device))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
@@ -158,7 +177,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple[torch.Tensor, torch.Te
 def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_dx: torch.Tensor, _grad_dweight: torch.Tensor) -> tuple:
     """Scale the gradients saved by the forward (always multiplied: a check for 1.0 would sync)."""
     dx, dweight = ctx.saved_tensors
-    return dx * grad_loss, dweight * grad_loss, None, None, None
+    return dx * grad_loss, dweight * grad_loss, None, None, None, None
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -175,7 +194,9 @@ def linear_cross_entropy(
 
     Under autocast x and weight are cast to the autocast dtype first (custom ops are not
     autocast themselves), as `F.linear` would be. `chunk_tokens` 0 picks the chunk so that its
-    logits take about CHUNK_BYTES. Targets must lie in [0, V) or equal `ignore_index`.
+    logits take about CHUNK_BYTES. Targets must lie in [0, V) or equal `ignore_index`. When no
+    gradient will be taken (grad mode off, or neither x nor weight requires one) the gradient
+    work of the forward is skipped.
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -184,6 +205,7 @@ def linear_cross_entropy(
         raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype outside autocast")
     if targets.shape != x.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} must match x's leading dims {tuple(x.shape[:-1])}")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     loss, _, _ = _linear_cross_entropy_op(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1),
-                                          ignore_index, chunk_tokens)
+                                          ignore_index, chunk_tokens, needs_grad)
     return loss

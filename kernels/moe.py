@@ -16,8 +16,10 @@ def moe_experts_reference(
     """The definition, one expert at a time (readable, not fast).
 
     x (T, d); ids, weights (T, k); w13 (E, d, 2f) with gate in [..., :f] and up in [..., f:];
-    w2 (E, f, d). Returns sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) as (T, d) in x's dtype.
+    w2 (E, f, d). Returns sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) as (T, d) in x's dtype;
+    a slot whose id is outside [0, E) selects no expert and adds nothing.
     """
+    check_moe_inputs(x, ids, weights, w13, w2)
     d_ff = w2.shape[1]
     acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for the ground truth
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
@@ -27,6 +29,34 @@ def moe_experts_reference(
         y = swiglu_reference(h[:, :d_ff], h[:, d_ff:]) @ w2[expert].to(x.dtype)  # (n, d)
         out = out.index_add(0, token, y.to(acc) * weights[token, slot, None].to(acc))
     return out.to(x.dtype)
+
+
+def check_moe_inputs(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> None:
+    """Raise a one-line ValueError unless the shapes and dtypes fit moe_experts' contract.
+
+    Only metadata is read (no host sync): ids' values are not checked; both paths ignore
+    slots whose id is outside [0, E).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"moe_experts: x must be 2-D (T, d), got shape {tuple(x.shape)}")
+    num_tokens, d_model = x.shape
+    if ids.dim() != 2 or ids.shape[0] != num_tokens:
+        raise ValueError(f"moe_experts: ids must be (T={num_tokens}, k), got shape {tuple(ids.shape)}")
+    if weights.shape != ids.shape:
+        raise ValueError(f"moe_experts: weights must match ids' shape {tuple(ids.shape)}, got {tuple(weights.shape)}")
+    if w13.dim() != 3 or w13.shape[1] != d_model or w13.shape[2] % 2:
+        raise ValueError(f"moe_experts: w13 must be (E, d={d_model}, 2 * d_ff), got shape {tuple(w13.shape)}")
+    expected_w2 = (w13.shape[0], w13.shape[2] // 2, d_model)
+    if tuple(w2.shape) != expected_w2:
+        raise ValueError(f"moe_experts: w2 must be (E, d_ff, d) = {expected_w2} to match w13 and x, "
+                         f"got shape {tuple(w2.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"moe_experts: ids must be int32 or int64, got {ids.dtype}")
+    for name, t in (("x", x), ("weights", weights), ("w13", w13), ("w2", w2)):
+        if not t.is_floating_point():
+            raise ValueError(f"moe_experts: {name} must be floating point, got {t.dtype}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,20 +70,46 @@ def moe_experts_reference(
 # --------------------------------------------------------------------------------------------
 
 
+def _tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+# fp32 tiles take twice the shared memory of 16-bit ones and go through FMA, not tensor cores:
+# the 16-bit configs would exceed shared memory or spill, so fp32 operands get these instead.
+_FP32_CONFIGS = _tile_configs([(64, 64, 32, 4, 2), (64, 64, 32, 4, 3)])
+
 
 def _configs(two_accumulators: bool) -> list[triton.Config]:
-    """Autotune candidates for the grouped GEMMs (one small config under the interpreter).
+    """Autotune candidates for the grouped GEMMs: 16-bit ones, then _FP32_CONFIGS (one small config
+    under the interpreter). _keep_dtype_configs prunes them to those for the operands' dtype.
 
-    Hopper bf16: 128-row tiles, K steps of 64, 3-4 pipeline stages. The fused-SwiGLU GEMM
-    holds two accumulators (gate and up), so it stays at BLOCK_N 128 with 8 warps.
+    Hopper bf16: 64-256-wide tiles, K steps of 64, 3-4 pipeline stages. The fused-SwiGLU GEMM
+    holds two accumulators (gate and up), so its tiles stop at 128 x 128.
     """
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     if not two_accumulators:
         shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+    shapes += [(128, 64, 64, 8, 4), (64, 128, 64, 8, 4)]
+    return _tile_configs(shapes) + _FP32_CONFIGS
+
+
+def _keep_dtype_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """Autotune pruning: _FP32_CONFIGS for fp32 operands (A's dtype), the 16-bit configs otherwise.
+
+    The autotuner's cache key holds every tensor argument's dtype, so the two never share a choice.
+    """
+    fp32 = named_args["a_ptr"].dtype == torch.float32
+    return [c for c in configs if (c in _FP32_CONFIGS) == fp32]
+
+
+def _autotune(two_accumulators: bool, key: list[str]):
+    """triton.autotune over _configs(two_accumulators), pruned by the operands' dtype."""
+    return triton.autotune(configs=_configs(two_accumulators), key=key,
+                           prune_configs_by={"early_config_prune": _keep_dtype_configs})
 
 
 @triton.jit
@@ -63,6 +119,13 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _load_ids(ids_ptr, a, num_assign, num_experts):
+    """Expert ids of assignments `a`, -1 past the end and for any id outside [0, E) (never sorted)."""
+    e = tl.load(ids_ptr + a, mask=a < num_assign, other=-1)
+    return tl.where((e >= 0) & (e < num_experts), e, -1)
 
 
 @triton.jit
@@ -78,7 +141,7 @@ def _moe_hist_kernel(
     pid = tl.program_id(0)
     a = pid * BLOCK_A + tl.arange(0, BLOCK_A)
     experts = tl.arange(0, E_PAD)
-    e = tl.load(ids_ptr + a, mask=a < num_assign, other=-1)
+    e = _load_ids(ids_ptr, a, num_assign, num_experts)
     hist = tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
     tl.store(hist_ptr + pid * num_experts + experts, hist, mask=experts < num_experts)
 
@@ -88,23 +151,26 @@ def _moe_scatter_kernel(
     ids_ptr,  # (S,) int32 expert id of each assignment
     start_ptr,  # (num_blocks, E) int32: sorted position of this block's first row for each expert
     order_ptr,  # (S,) int32 out: assignment index at each sorted position
-    pos_ptr,  # (S,) int32 out: sorted position of each assignment (inverse of order)
+    pos_ptr,  # (S,) int32 out: sorted position of each assignment (inverse of order), -1 for an invalid id
     num_assign,  # S = T * k
     num_experts,  # E
     BLOCK_A: tl.constexpr,  # assignments per program (same as the histogram pass)
     E_PAD: tl.constexpr,  # next power of two >= E
 ):
-    """Second pass of the counting sort: rank within the block per expert, plus the block's start."""
+    """Second pass of the counting sort: rank within the block per expert, plus the block's start.
+
+    An id outside [0, E) gets no sorted row (pos -1): it is in no expert's range, so no GEMM reads it.
+    """
     pid = tl.program_id(0)
     a = pid * BLOCK_A + tl.arange(0, BLOCK_A)
-    ok = a < num_assign
     experts = tl.arange(0, E_PAD)
-    e = tl.load(ids_ptr + a, mask=ok, other=-1)
+    e = _load_ids(ids_ptr, a, num_assign, num_experts)
+    routed = e >= 0
     onehot = (e[:, None] == experts[None, :]).to(tl.int32)
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier same-expert rows in this block
-    dest = tl.load(start_ptr + pid * num_experts + e, mask=ok, other=0) + rank
-    tl.store(pos_ptr + a, dest, mask=ok)
-    tl.store(order_ptr + dest, a, mask=ok)
+    dest = tl.load(start_ptr + pid * num_experts + e, mask=routed, other=0) + rank
+    tl.store(pos_ptr + a, tl.where(routed, dest, -1), mask=a < num_assign)
+    tl.store(order_ptr + dest, a, mask=routed)
 
 
 @triton.jit
@@ -263,7 +329,7 @@ def _grouped_wgrad_kernel(
 @triton.jit
 def _moe_combine_kernel(
     y_ptr,  # (S, D) rows in sorted order, contiguous
-    pos_ptr,  # (T * k,) int32 sorted position of each assignment
+    pos_ptr,  # (T * k,) int32 sorted position of each assignment, -1 for one that adds nothing
     weights_ptr,  # (T * k,) router weights (any float dtype); unused without HAS_WEIGHTS
     out_ptr,  # (T, D) out, contiguous: sum over the k slots, accumulated in fp32 in slot order
     D,  # row width
@@ -278,7 +344,7 @@ def _moe_combine_kernel(
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j in range(TOP_K):
         s = tl.load(pos_ptr + token * TOP_K + j).to(tl.int64)
-        row = tl.load(y_ptr + s * D + cols, mask=ok, other=0.0).to(tl.float32)
+        row = tl.load(y_ptr + s * D + cols, mask=ok & (s >= 0), other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
             row *= tl.load(weights_ptr + token * TOP_K + j).to(tl.float32)
         acc += row
@@ -289,7 +355,7 @@ def _moe_combine_kernel(
 def _moe_combine_bwd_kernel(
     dout_ptr,  # (T, D) gradient of the layer output, contiguous
     y_ptr,  # (S, D) expert outputs before weighting, sorted order (saved by the forward)
-    pos_ptr,  # (T * k,) int32 sorted position of each assignment
+    pos_ptr,  # (T * k,) int32 sorted position of each assignment, -1 for one that adds nothing
     weights_ptr,  # (T * k,) router weights
     dy_ptr,  # (S, D) out: weights * dout gathered into sorted order (the down GEMM's output grad)
     dweights_ptr,  # (T * k,) out: <dout[token], y[s]> in the weights' dtype
@@ -297,7 +363,8 @@ def _moe_combine_bwd_kernel(
     TOP_K,  # k
     BLOCK_D: tl.constexpr,  # columns per step
 ):
-    """Backward of the combine, one program per assignment: scatter dout into sorted order and d(weights)."""
+    """Backward of the combine, one program per assignment: scatter dout into sorted order and d(weights)
+    (0 for an assignment without a sorted row)."""
     assign = tl.program_id(0).to(tl.int64)
     token = assign // TOP_K
     s = tl.load(pos_ptr + assign).to(tl.int64)
@@ -305,7 +372,7 @@ def _moe_combine_bwd_kernel(
     dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        ok = cols < D
+        ok = (cols < D) & (s >= 0)
         g = tl.load(dout_ptr + token * D + cols, mask=ok, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + s * D + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(dy_ptr + s * D + cols, (w * g).to(dy_ptr.dtype.element_ty), mask=ok)
@@ -313,9 +380,9 @@ def _moe_combine_bwd_kernel(
     tl.store(dweights_ptr + assign, tl.sum(dot, axis=0).to(dweights_ptr.dtype.element_ty))
 
 
-_mm_plain = triton.autotune(configs=_configs(False), key=["N", "K", "ACT", "GATHER_A"])(_grouped_mm_kernel)
-_mm_swiglu = triton.autotune(configs=_configs(True), key=["N", "K", "ACT", "GATHER_A"])(_grouped_mm_kernel)
-_wgrad = triton.autotune(configs=_configs(False), key=["M", "N", "GATHER_A"])(_grouped_wgrad_kernel)
+_mm_plain = _autotune(False, key=["N", "K", "ACT", "GATHER_A"])(_grouped_mm_kernel)
+_mm_swiglu = _autotune(True, key=["N", "K", "ACT", "GATHER_A"])(_grouped_mm_kernel)
+_wgrad = _autotune(False, key=["M", "N", "GATHER_A"])(_grouped_wgrad_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +401,7 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     """Stable counting sort of flat expert ids (S,) int32 -> (order, pos, offsets), all int32 on device.
 
     order[s]: assignment at sorted position s; pos: its inverse; offsets (E + 1,): expert starts.
+    An id outside [0, E) is left out of the sort: pos -1, and offsets[E] counts only valid ids.
     """
     num_assign = ids.numel()
     e_pad = triton.next_power_of_2(num_experts)
@@ -485,4 +553,5 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: 
                 w2: torch.Tensor) -> torch.Tensor:
     """Triton `moe_experts`: sort once, gate+up grouped GEMM with fused SwiGLU, down grouped GEMM,
     weighted gather-combine. Differentiable in x, weights, w13 and w2; output in x's dtype."""
+    check_moe_inputs(x, ids, weights, w13, w2)
     return _moe_experts_op(x, ids, weights, w13, w2)[0]

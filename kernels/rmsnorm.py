@@ -121,21 +121,31 @@ def _block_n(n_cols: int) -> int:
     return block_n
 
 
+def _check_weight(weight: torch.Tensor, n_cols: int) -> None:
+    """The kernels read n_cols weights (made contiguous first): any other count is an error."""
+    if weight.numel() != n_cols:
+        raise ValueError(f"rms_norm: weight has {weight.numel()} elements (shape {tuple(weight.shape)}), "
+                         f"but the normalised width is {n_cols}")
+
+
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n_cols = x.shape[-1]
+    _check_weight(weight, n_cols)
     x2 = as_rows(x, n_cols)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = x2.shape[0]
     if n_rows == 0:
         return y
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)
-    _rms_norm_fwd_kernel[grid](x2, weight, y, x2.stride(0), n_cols, n_rows, n_cols, eps, BLOCK_N=_block_n(n_cols))
+    _rms_norm_fwd_kernel[grid](x2, weight.contiguous(), y, x2.stride(0), n_cols, n_rows, n_cols, eps,
+                               BLOCK_N=_block_n(n_cols))
     return y
 
 
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     n_cols = x.shape[-1]
+    _check_weight(weight, n_cols)
     x2, dy2 = as_rows(x, n_cols), as_rows(dy, n_cols)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = x2.shape[0]
@@ -145,10 +155,10 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: 
     partial = torch.zeros(programs, n_cols, dtype=torch.float32, device=x.device)
     if n_rows:
         _rms_norm_bwd_kernel[(programs,)](
-            dy2, x2, weight, dx, partial, dy2.stride(0), x2.stride(0), n_cols, n_rows, n_cols, eps,
+            dy2, x2, weight.contiguous(), dx, partial, dy2.stride(0), x2.stride(0), n_cols, n_rows, n_cols, eps,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n),
         )
-    return dx, partial.sum(0).to(weight.dtype)
+    return dx, partial.sum(0).to(weight.dtype).view(weight.shape)
 
 
 # --- the public op ------------------------------------------------------------------------------------
@@ -162,6 +172,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 @rms_norm.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    _check_weight(weight, x.shape[-1])
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 

@@ -13,7 +13,8 @@ def router_topk_reference(
     """The definition, in fp32: logits (T, E) -> weights (T, k) fp32, ids (T, k) int32,
     counts (E,) int32 (tokens routed to each expert), logsumexp (T,) fp32 for the z-loss.
 
-    Ties between equal probabilities go to the lower expert id (a stable descending sort).
+    Ties between equal probabilities go to the lower expert id (a stable descending sort). A row
+    holding a NaN logit has all-NaN probabilities and so takes experts 0..k-1 (ids stay valid).
     """
     num_experts = logits.shape[-1]
     if not 1 <= k <= num_experts:
@@ -49,7 +50,11 @@ def _router_topk_fwd_kernel(
     BLOCK_E: tl.constexpr,  # next power of two >= E: one program holds whole rows
     BLOCK_K: tl.constexpr,  # next power of two >= k: the (BLOCK_T, BLOCK_K) output tile
 ):
-    """Softmax statistics, k rounds of arg-max (ties to the lower id), renormalise, histogram."""
+    """Softmax statistics, k rounds of arg-max (ties to the lower id), renormalise, histogram.
+
+    A row with a NaN logit matches no maximum; it takes the lowest untaken experts instead (0..k-1,
+    as the reference's stable sort of its all-NaN probabilities does), so every id is in [0, E).
+    """
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -67,13 +72,14 @@ def _router_topk_fwd_kernel(
 
     # k rounds of "largest remaining logit, lowest id among equals". Selecting on the logits
     # (monotone in the probabilities) keeps the order exact where fp32 probabilities would tie.
+    nan_row = tl.max((logit != logit).to(tl.int32), axis=1) > 0  # every untaken expert is a hit
     taken = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32) != 0  # experts already chosen per row
     top_p = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     top_id = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for j in range(top_k):
         cand = valid & ~taken
         best = tl.max(tl.where(cand, logit, float("-inf")), axis=1)
-        hit = cand & (logit == best[:, None])
+        hit = cand & ((logit == best[:, None]) | nan_row[:, None])
         idx = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
         sel = cols[None, :] == idx[:, None]
         p_j = tl.sum(tl.where(sel, prob, 0.0), axis=1)
@@ -209,10 +215,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, dweights, dids, dcounts, dlse):
-    """dlogits from the weights' and logsumexp's gradients (either may be absent)."""
+    """dlogits from the weights' and logsumexp's gradients (autograd passes zeros for an unused output)."""
     logits, weights, ids, lse = ctx.saved_tensors
-    dweights = torch.zeros_like(weights) if dweights is None else dweights
-    dlse = torch.zeros_like(lse) if dlse is None else dlse
     return _router_topk_bwd_op(dweights, dlse, logits, weights, ids, lse), None
 
 

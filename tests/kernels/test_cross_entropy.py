@@ -103,10 +103,26 @@ def test_rejects_mismatched_inputs() -> None:
         ce_mod.linear_cross_entropy(x, w, t[:4])
 
 
-def test_opcheck() -> None:
+def test_no_grad_skips_the_gradients_and_gives_the_same_loss() -> None:
+    """Under torch.no_grad, or with inputs that need no gradient, the forward skips the gradient sweep
+    and matmuls (dx and dweight come back empty) and the loss is bit-for-bit the training one."""
+    x, w, t = _inputs(37, 64, 1000, torch.float32)
+    loss = ce_mod.linear_cross_entropy(x.requires_grad_(True), w, t, chunk_tokens=8)
+    with torch.no_grad():
+        assert torch.equal(ce_mod.linear_cross_entropy(x, w, t, chunk_tokens=8), loss.detach())
+    assert torch.equal(ce_mod.linear_cross_entropy(x.detach(), w, t, chunk_tokens=8), loss.detach())
+    _, dx, dweight = torch.ops.kernels.linear_cross_entropy(x.detach(), w, t, IGNORE, 8, False)
+    assert dx.numel() == 0 and dweight.numel() == 0
+    check_against_truth(_fused(chunk_tokens=8), _reference(), [x.detach(), w, t], grad_mask=[False, False, False])
+
+
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_opcheck(needs_grad: bool) -> None:
+    """The fake's outputs match the real op's exactly, also for a transposed (column-major) x."""
     x, w, t = _inputs(9, 16, 100, torch.float32)
+    x = x.t().contiguous().t()  # (9, 16) with strides (1, 9): empty_like(x) would copy them
     torch.library.opcheck(torch.ops.kernels.linear_cross_entropy.default,
-                          (x.requires_grad_(True), w.requires_grad_(True), t, IGNORE, 0))
+                          (x.requires_grad_(needs_grad), w.requires_grad_(needs_grad), t, IGNORE, 0, needs_grad))
 
 
 @pytest.mark.gpu

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -76,6 +78,56 @@ def test_moe_strided_x_and_int64_ids() -> None:
     _check([x, ids.long(), weights, w13, w2])
 
 
+def test_moe_ids_outside_the_experts_add_nothing() -> None:
+    """A bad id (-1, E = 3, 9 past E's power of two) is masked out of the sort instead of writing out of
+    bounds: that slot adds nothing and gets no weight gradient, exactly as in the reference loop."""
+    ids = torch.rand(13, 3).argsort(-1)[:, :2].to(torch.int32)
+    ids[2, 0], ids[7, 1], ids[11, 0] = -1, 3, 9
+    inputs = _inputs(13, 3, 2, 16, 8, torch.float32, ids=ids)
+    _check(inputs)
+    order, pos, offsets = moe_mod.sort_by_expert(inputs[1].reshape(-1).contiguous(), 3)
+    assert int(offsets[-1]) == 26 - 3 and pos.view(13, 2)[[2, 7, 11], [0, 1, 0]].tolist() == [-1, -1, -1]
+    routed = (pos >= 0).nonzero().view(-1)
+    assert torch.equal(order[pos[routed].long()].cpu(), routed.int().cpu())
+
+
+BAD_SHAPES = {  # (T, d, d_ff, E, k) = (5, 8, 6, 3, 2); each case breaks one input of moe_experts
+    "x not 2-D": lambda x, i, w, a, b: (x[None], i, w, a, b),
+    "ids rows != T": lambda x, i, w, a, b: (x, i[:4], w[:4], a, b),
+    "ids not 2-D": lambda x, i, w, a, b: (x, i[:, 0], w, a, b),
+    "weights != ids": lambda x, i, w, a, b: (x, i, w[:, :1], a, b),
+    "w13 wrong d": lambda x, i, w, a, b: (x, i, w, a[:, :7], b),
+    "w13 odd width": lambda x, i, w, a, b: (x, i, w, a[..., :11], b),
+    "w13 not 3-D": lambda x, i, w, a, b: (x, i, w, a[0], b),
+    "w2 wrong E": lambda x, i, w, a, b: (x, i, w, a, b[:2]),
+    "w2 wrong d_ff": lambda x, i, w, a, b: (x, i, w, a, b[:, :5]),
+    "w2 wrong d": lambda x, i, w, a, b: (x, i, w, a, b[..., :7]),
+    "float ids": lambda x, i, w, a, b: (x, i.float(), w, a, b),
+    "integer x": lambda x, i, w, a, b: (x.long(), i, w, a, b),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SHAPES)
+@pytest.mark.parametrize("impl", [moe_mod.moe_experts, moe_mod.moe_experts_reference], ids=["triton", "reference"])
+def test_moe_rejects_bad_shapes(case: str, impl: Callable[..., torch.Tensor]) -> None:
+    inputs = _inputs(5, 3, 2, 8, 6, torch.float32)
+    with pytest.raises(ValueError, match="^moe_experts: "):
+        impl(*BAD_SHAPES[case](*inputs))
+
+
+def test_moe_autotune_configs_follow_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU the grouped GEMMs tune over 16-bit tiles for bf16/fp16 and small tiles for fp32."""
+    monkeypatch.setattr(moe_mod, "INTERPRET", False)
+    for two_accumulators in (False, True):
+        configs = moe_mod._configs(two_accumulators)
+        fp32 = moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1)})
+        bf16 = moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1, dtype=torch.bfloat16)})
+        assert fp32 == moe_mod._FP32_CONFIGS and all(c.kwargs["BLOCK_K"] == 32 for c in fp32)
+        assert bf16 and not any(c in fp32 for c in bf16) and len(bf16) + len(fp32) == len(configs)
+        tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in bf16}
+        assert {(128, 64, 64, 8), (64, 128, 64, 8)} <= tiles
+
+
 def test_moe_opcheck() -> None:
     x, ids, weights, w13, w2 = _inputs(7, 3, 2, 8, 8, torch.float32)
     for t in (x, weights, w13, w2):
@@ -94,6 +146,15 @@ def test_moe_bf16_real_size_gpu(experts: int, d_model: int, d_ff: int, skewed: b
         ids[heavy, 0] = 0
         ids[heavy, 1] = torch.where(ids[heavy, 1] == 0, 1, ids[heavy, 1])
     _check(_inputs(tokens, experts, 2, d_model, d_ff, torch.bfloat16, ids=ids, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_moe_bf16_ragged_tokens_and_empty_experts_gpu() -> None:
+    """T = 4093 (a multiple of no tile), top-2 over 8 experts of which 2, 5 and the last, 7, get no token:
+    output and the x, weights, w13 and w2 gradients (zero for the empty experts) under the correctness rule."""
+    tokens, used = 4093, torch.tensor([0, 1, 3, 4, 6])
+    ids = used[torch.rand(tokens, len(used)).argsort(-1)[:, :2]].to(torch.int32)
+    _check(_inputs(tokens, 8, 2, 768, 896, torch.bfloat16, ids=ids, device="cuda"))
 
 
 @pytest.mark.gpu

@@ -59,6 +59,23 @@ def test_no_copy_of_strided_rows() -> None:
     assert rows.data_ptr() == base[:, 80:].data_ptr() and rows.stride() == (160, 1)
 
 
+def test_strided_weight_is_read_in_order() -> None:
+    """A non-contiguous weight (every other element of a wider one) is made contiguous for the kernels."""
+    x = torch.randn(7, 48, device=DEVICE)
+    w = _weight(96, torch.float32)[::2]
+    assert not w.is_contiguous()
+    check_against_truth(_fused, _reference, [x, w])
+
+
+@pytest.mark.parametrize("width", [47, 49, 1])
+def test_weight_of_the_wrong_size_is_an_error(width: int) -> None:
+    x = torch.randn(3, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="normalised width is 48"):
+        _fused(x, _weight(width, torch.float32))
+    with pytest.raises(ValueError, match="normalised width is 48"):
+        rmsnorm.rms_norm_bwd(x, x, _weight(width, torch.float32), EPS)
+
+
 def test_empty_input() -> None:
     x = torch.randn(0, 64, device=DEVICE)
     assert _fused(x, _weight(64, torch.float32)).shape == (0, 64)

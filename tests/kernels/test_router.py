@@ -53,6 +53,41 @@ def test_router_counts_cover_every_choice() -> None:
     assert torch.allclose(weights.sum(-1), torch.ones(300, device=DEVICE))
 
 
+def _with_nan_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` with two rows inserted: all NaN at row 5, one NaN logit at row 20."""
+    nan_row = torch.full_like(logits[:1], float("nan"))
+    partial = logits[:1].detach().clone()
+    partial[0, 3] = float("nan")
+    return torch.cat([logits[:5], nan_row, logits[5:19], partial, logits[19:]])
+
+
+_CLEAN = [i for i in range(39) if i not in (5, 20)]  # the rows of _with_nan_rows(37 rows) that came from logits
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy under the interpreter
+@pytest.mark.parametrize("top_k", [2, 8])
+def test_router_nan_rows_get_valid_ids_and_leave_the_rest_alone(top_k: int) -> None:
+    """A row with a NaN logit routes to experts 0..k-1 (as the reference does), never to an id >= E;
+    the other rows' outputs and dlogits are the clean-logits result under the correctness rule."""
+    logits = torch.randn(37, 8, device=DEVICE) * 2
+    weights, ids, counts, _ = router_mod.router_topk(_with_nan_rows(logits), top_k)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 8
+    assert ids[[5, 20]].tolist() == [list(range(top_k))] * 2
+    assert torch.equal(ids, router_mod.router_topk_reference(_with_nan_rows(logits), top_k)[1])
+    assert torch.equal(counts, torch.bincount(ids.flatten().long(), minlength=8).int())
+    assert weights[[5, 20]].isnan().all()
+
+    def fused(clean: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w, i, _, lse = router_mod.router_topk(_with_nan_rows(clean), top_k)
+        return w[_CLEAN], i[_CLEAN], lse[_CLEAN]
+
+    def reference(clean: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w, i, _, lse = router_mod.router_topk_reference(clean, top_k)
+        return w, i, lse
+
+    check_against_truth(fused, reference, [logits])
+
+
 def test_router_rejects_bad_k() -> None:
     with pytest.raises(ValueError):
         router_mod.router_topk(torch.randn(4, 8, device=DEVICE), 9)
