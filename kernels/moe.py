@@ -1,4 +1,9 @@
-"""Dropless routed-expert SwiGLU FFN: permute by expert, grouped GEMMs, weighted unpermute."""
+"""Dropless routed-expert SwiGLU FFN: permute by expert, grouped GEMMs, weighted unpermute.
+
+Between forward and backward the op keeps, per routed token, the pre-activations h (2 d_ff) and
+the expert output y (d); the activation silu(gate) * up (d_ff) is not kept: the backward's dSwiGLU
+GEMM recomputes it from h in its epilogue, bitwise as the forward computed it.
+"""
 
 from __future__ import annotations
 
@@ -179,6 +184,7 @@ def _grouped_mm_kernel(
     b_ptr,  # (E, K, *) right operand per expert, read through strides (a transposed view works)
     c_ptr,  # out, contiguous, sorted order: (S, N) for ACT 0 and 1, (S, 2N) gate|up grads for ACT 2
     h_ptr,  # (S, 2N) pre-activations gate|up: written by ACT 1, read by ACT 2, unused by ACT 0
+    act_ptr,  # (S, N) out for ACT 2: silu(gate) * up recomputed from h, bitwise ACT 1's C; unused otherwise
     order_ptr,  # (S,) int32 assignment index at each sorted position
     offsets_ptr,  # (E + 1,) int32 first sorted position of each expert, then S
     num_rows,  # S = T * k
@@ -191,7 +197,7 @@ def _grouped_mm_kernel(
     stride_be,  # b stride between experts
     stride_bk,  # b stride along the reduction
     stride_bn,  # b stride along the output columns
-    ACT: tl.constexpr,  # 0: C = A@B; 1: H = A@B (gate|up), C = silu(gate) * up; 2: C = dSwiGLU(dA = A@B, H)
+    ACT: tl.constexpr,  # 0: C = A@B; 1: H = A@B (gate|up), C = silu(gate) * up; 2: C = dSwiGLU(A@B, H), act
     GATHER_A: tl.constexpr,  # read A's rows through order (token rows of x) instead of sorted rows
     E_PAD: tl.constexpr,  # next power of two >= E
     UPCAST: tl.constexpr,  # widen tiles to fp32 before the dot (bf16 under the interpreter)
@@ -202,6 +208,9 @@ def _grouped_mm_kernel(
     GROUP_M: tl.constexpr,  # row tiles per swizzle group (L2 reuse of B)
 ):
     """Grouped GEMM over expert-sorted rows, with optional fused SwiGLU (fwd) or its gradient (bwd).
+
+    Both epilogues compute silu(gate) * up in fp32 from h as stored (rounded to its dtype), so the
+    activation the backward recomputes for dW2 is bitwise the one the forward fed the down GEMM.
 
     The grid is an upper bound, cdiv(S, BLOCK_M) + E row tiles times the column tiles: the tile
     table (each expert's tile count, prefix-summed) is rebuilt here from `offsets`, so the host
@@ -256,9 +265,12 @@ def _grouped_mm_kernel(
         tl.store(c_ptr + out_rows * N + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
     elif ACT == 1:
         h_ptrs = h_ptr + out_rows * (2 * N) + cols[None, :]
-        tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(h_ptrs + N, acc_up.to(h_ptr.dtype.element_ty), mask=mask)
-        act = acc * tl.sigmoid(acc) * acc_up
+        gate = acc.to(h_ptr.dtype.element_ty)
+        up = acc_up.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptrs, gate, mask=mask)
+        tl.store(h_ptrs + N, up, mask=mask)
+        gate = gate.to(tl.float32)  # from the stored h, as ACT 2 recomputes it
+        act = gate * tl.sigmoid(gate) * up.to(tl.float32)
         tl.store(c_ptr + out_rows * N + cols[None, :], act.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         h_ptrs = h_ptr + out_rows * (2 * N) + cols[None, :]
@@ -270,6 +282,8 @@ def _grouped_mm_kernel(
         c_ptrs = c_ptr + out_rows * (2 * N) + cols[None, :]
         tl.store(c_ptrs, dgate.to(c_ptr.dtype.element_ty), mask=mask)
         tl.store(c_ptrs + N, dup.to(c_ptr.dtype.element_ty), mask=mask)
+        act = gate * sig * up  # ACT 1's expression on the same h: the forward's activation, not saved
+        tl.store(act_ptr + out_rows * N + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -419,13 +433,17 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,
-               gather: bool, act: int = 0, h: torch.Tensor | None = None, transpose_b: bool = False) -> torch.Tensor:
+               gather: bool, act: int = 0, h: torch.Tensor | None = None, transpose_b: bool = False,
+               act_out: torch.Tensor | None = None) -> torch.Tensor:
     """out[s] = a[row(s)] @ b[expert(s)] for sorted rows s (row(s) = order[s] // top_k when `gather`).
 
     b is (E, K, N), or (E, N, K) used transposed when `transpose_b`. act 1 treats b's columns as
     gate|up halves and returns silu(gate) * up, writing the pre-activations into h (S, 2 * N/2);
-    act 2 returns dSwiGLU of the product given the saved h, as (S, 2N).
+    act 2 returns dSwiGLU of the product given the saved h, as (S, 2N), and writes silu(gate) * up
+    recomputed from h (bitwise act 1's output) into act_out (S, N), which it requires.
     """
+    if act == 2 and act_out is None:
+        raise ValueError("grouped_mm: act=2 needs act_out, the (S, N) buffer for the recomputed activation")
     num_rows = order.numel()
     num_experts = b.shape[0]
     stride_be, stride_bk, stride_bn = b.stride(0), b.stride(1), b.stride(2)
@@ -438,7 +456,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, offsets: t
     kernel = _mm_swiglu if act == 1 else _mm_plain
     grid = lambda meta: ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(N, meta["BLOCK_N"]),)
     kernel[grid](
-        a, b, out, out if h is None else h, order, offsets, num_rows, N, K, num_experts, top_k,
+        a, b, out, out if h is None else h, out if act_out is None else act_out,
+        order, offsets, num_rows, N, K, num_experts, top_k,
         a.stride(0), a.stride(1), stride_be, stride_bk, stride_bn,
         ACT=act, GATHER_A=gather, E_PAD=triton.next_power_of_2(num_experts), **_dot_flags(a.dtype),
     )
@@ -473,40 +492,42 @@ def _combine(rows: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None
 # Public op
 # --------------------------------------------------------------------------------------------
 
-_Saved = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_Saved = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @torch.library.custom_op("kernels::moe_experts", mutates_args=())
 def _moe_experts_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor) -> _Saved:
-    """The Triton forward. Returns (out, h, act, y, order, pos, offsets): the output and, for the
-    backward, the sorted pre-activations, activations, expert outputs and the sort itself."""
+    """The Triton forward. Returns (out, h, y, order, pos, offsets): the output and, for the backward,
+    the sorted pre-activations, expert outputs and the sort itself. The activations are dropped once
+    the down GEMM has read them (the backward recomputes them from h): d_ff elements per routed token."""
     num_tokens, top_k = ids.shape
     num_experts = w13.shape[0]
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     order, pos, offsets = sort_by_expert(ids.to(torch.int32).contiguous().view(-1), num_experts)
     h = torch.empty(order.numel(), w13.shape[2], dtype=x.dtype, device=x.device)
     act = grouped_mm(x, w13, order, offsets, top_k, gather=True, act=1, h=h)  # gate+up GEMM, SwiGLU epilogue
-    y = grouped_mm(act, w2, order, offsets, top_k, gather=False)  # down GEMM
+    y = grouped_mm(act, w2, order, offsets, top_k, gather=False)  # down GEMM; act is freed on return
     out = _combine(y, pos, weights.contiguous().view(-1), num_tokens, top_k)
-    return out, h, act, y, order, pos, offsets
+    return out, h, y, order, pos, offsets
 
 
 @_moe_experts_op.register_fake
 def _(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> _Saved:
     num_rows = ids.numel()
     d_ff = w2.shape[1]
-    return (x.new_empty(x.shape), x.new_empty(num_rows, 2 * d_ff), x.new_empty(num_rows, d_ff),
-            x.new_empty(num_rows, x.shape[1]), ids.new_empty(num_rows, dtype=torch.int32),
-            ids.new_empty(num_rows, dtype=torch.int32), ids.new_empty(w13.shape[0] + 1, dtype=torch.int32))
+    return (x.new_empty(x.shape), x.new_empty(num_rows, 2 * d_ff), x.new_empty(num_rows, x.shape[1]),
+            ids.new_empty(num_rows, dtype=torch.int32), ids.new_empty(num_rows, dtype=torch.int32),
+            ids.new_empty(w13.shape[0] + 1, dtype=torch.int32))
 
 
 @torch.library.custom_op("kernels::moe_experts_bwd", mutates_args=())
 def _moe_experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                        w2: torch.Tensor, h: torch.Tensor, act: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
+                        w2: torch.Tensor, h: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
                         pos: torch.Tensor, offsets: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton backward: (dx, dweights, dw13, dw2), each in its input's dtype."""
+    """The Triton backward: (dx, dweights, dw13, dw2), each in its input's dtype. The dSwiGLU GEMM
+    also recomputes the activations from h for dW2; they live only until dW2 is done."""
     num_tokens, top_k = weights.shape
     num_rows, width = y.shape
     num_experts = w13.shape[0]
@@ -516,8 +537,10 @@ def _moe_experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tens
     _moe_combine_bwd_kernel[(num_rows,)](dout, y, pos, weights.contiguous(), dy, dweights, width, top_k,
                                          BLOCK_D=min(1024, triton.next_power_of_2(width)))
     w13c, w2c = w13.to(x.dtype), w2.to(x.dtype)
-    dh = grouped_mm(dy, w2c, order, offsets, top_k, gather=False, act=2, h=h, transpose_b=True)
+    act = torch.empty(num_rows, w2.shape[1], dtype=x.dtype, device=x.device)  # silu(gate) * up, filled below
+    dh = grouped_mm(dy, w2c, order, offsets, top_k, gather=False, act=2, h=h, transpose_b=True, act_out=act)
     dw2 = grouped_wgrad(act, dy, order, offsets, top_k, False, num_experts, w2.dtype)
+    del act, dy  # free (S, d_ff) and (S, d) before the dW13 and dx GEMMs
     dw13 = grouped_wgrad(x, dh, order, offsets, top_k, True, num_experts, w13.dtype)
     dx_sorted = grouped_mm(dh, w13c, order, offsets, top_k, gather=False, transpose_b=True)
     dx = _combine(dx_sorted, pos, None, num_tokens, top_k)
@@ -526,18 +549,19 @@ def _moe_experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tens
 
 @_moe_experts_bwd_op.register_fake
 def _(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-      h: torch.Tensor, act: torch.Tensor, y: torch.Tensor, order: torch.Tensor, pos: torch.Tensor,
+      h: torch.Tensor, y: torch.Tensor, order: torch.Tensor, pos: torch.Tensor,
       offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return (x.new_empty(x.shape), weights.new_empty(weights.shape), w13.new_empty(w13.shape),
             w2.new_empty(w2.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    """Save the inputs and the forward's sorted intermediates; only `out` is differentiable."""
+    """Save the inputs and the forward's sorted intermediates (h, y and the sort; not the activations,
+    which the backward recomputes from h); only `out` is differentiable."""
     x, _, weights, w13, w2 = inputs
-    _, h, act, y, order, pos, offsets = output
-    ctx.mark_non_differentiable(h, act, y, order, pos, offsets)
-    ctx.save_for_backward(x, weights, w13, w2, h, act, y, order, pos, offsets)
+    _, h, y, order, pos, offsets = output
+    ctx.mark_non_differentiable(h, y, order, pos, offsets)
+    ctx.save_for_backward(x, weights, w13, w2, h, y, order, pos, offsets)
 
 
 def _backward(ctx, dout, *_):

@@ -128,6 +128,40 @@ def test_moe_autotune_configs_follow_dtype(monkeypatch: pytest.MonkeyPatch) -> N
         assert {(128, 64, 64, 8), (64, 128, 64, 8)} <= tiles
 
 
+def test_moe_saves_no_activation() -> None:
+    """Between forward and backward the op keeps h (S, 2 d_ff) but not act = silu(gate) * up (S, d_ff):
+    the backward's dSwiGLU epilogue recomputes act from h."""
+    tokens, top_k, d_ff = 5, 2, 6
+    x, ids, weights, w13, w2 = _inputs(tokens, 3, top_k, 8, d_ff, torch.float32)
+    for t in (x, weights, w13, w2):
+        t.requires_grad_()
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = moe_mod.moe_experts(x, ids, weights, w13, w2)
+    rows = tokens * top_k
+    assert (rows, 2 * d_ff) in saved and (rows, d_ff) not in saved, saved
+    out.sum().backward()
+    assert all(t.grad is not None for t in (x, weights, w13, w2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_moe_backward_recomputes_act_bit_exactly(dtype: torch.dtype) -> None:
+    """The act the dSwiGLU GEMM writes for dW2 is bitwise the one the forward fed the down GEMM."""
+    x, ids, _, w13, w2 = _inputs(11, 3, 2, 8, 40, dtype)
+    order, _, offsets = moe_mod.sort_by_expert(ids.reshape(-1).contiguous(), 3)
+    h = torch.empty(order.numel(), 80, dtype=dtype, device=DEVICE)
+    act = moe_mod.grouped_mm(x, w13, order, offsets, 2, gather=True, act=1, h=h)
+    dy = torch.randn(order.numel(), 8, dtype=dtype, device=DEVICE)
+    recomputed = torch.full_like(act, float("nan"))
+    moe_mod.grouped_mm(dy, w2, order, offsets, 2, gather=False, act=2, h=h, transpose_b=True, act_out=recomputed)
+    assert torch.equal(recomputed, act)
+
+
 def test_moe_opcheck() -> None:
     x, ids, weights, w13, w2 = _inputs(7, 3, 2, 8, 8, torch.float32)
     for t in (x, weights, w13, w2):
