@@ -2,18 +2,23 @@
 
 The prompt is run through the model once (`prefill`), filling one KVCache per layer; after
 that each new token costs one single-position forward (`decode_one_token`) that attends to the
-cached keys and values, so a token costs O(current length) rather than a forward over the whole
-prefix. Prompts of different lengths share a batch by left padding plus a key mask; RoPE is
-relative, so a row shifted right by its padding scores exactly as it would alone.
+cached keys and values rather than a forward over the whole prefix. Prompts of different lengths
+share a batch by left padding plus a key mask; RoPE is relative, so a row shifted right by its
+padding scores exactly as it would alone.
+
+The caches have a fixed length and the write position is a tensor, so `decode_one_token` compiles
+to one graph for every step (gpt-fast style): `compile=True` / `--compile` wraps it in
+torch.compile (CUDA graphs on CUDA); the prefill stays eager.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from .model import TachyonLM
 from .tokenizer import Tokenizer, check_fits, load_tokenizer
 
 __all__ = [
+    "compiled_decode",
     "decode_one_token",
     "generate",
     "generate_ids",
@@ -92,28 +98,41 @@ def sample(logits: torch.Tensor, temperature: float = 0.8, top_k: int = 50, top_
 
 # ----------------------------------------------------------------------------------------------
 # The two model steps: separate plain functions, so each can be wrapped in torch.compile alone.
-# KVCache.length is a Python int, so a compiled decode_one_token needs dynamic=True (or it
-# recompiles per length); a static-shape cache as in gpt-fast would remove that.
+# Every tensor decode_one_token sees keeps its shape from step to step (the caches are fixed
+# length, the position is a (1,) tensor), so a compiled decode_one_token never recompiles.
 
 
 @torch.no_grad()
 def prefill(model: TachyonLM, idx: torch.Tensor, caches: list[KVCache],
             mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the (left-padded) prompts idx (B, T) through the model, filling the empty caches.
+    """Run the (left-padded) prompts idx (B, T) through the model at positions 0..T-1, filling the empty caches.
 
-    Returns the logits (B, V) at the last position: the distribution of the first new token.
+    mask (B, max_len) marks the attendable keys over the whole cache (None when no row is
+    padded). Returns the logits (B, V) at the last position: the distribution of the first new token.
     """
-    return model(idx, caches=caches, mask=mask).logits[:, -1]
+    input_pos = torch.arange(idx.shape[1], device=idx.device)  # (T,)
+    return model(idx, caches=caches, mask=mask, input_pos=input_pos).logits[:, -1]
 
 
 @torch.no_grad()
-def decode_one_token(model: TachyonLM, token: torch.Tensor, caches: list[KVCache],
+def decode_one_token(model: TachyonLM, token: torch.Tensor, input_pos: torch.Tensor, caches: list[KVCache],
                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Feed one new token per row, token (B, 1), after the cached positions; returns logits (B, V).
+    """Feed one new token per row, token (B, 1), at cache position input_pos (1,); returns logits (B, V).
 
-    mask (B, cached + 1) marks the attendable keys (None when no row is padded).
+    mask (B, max_len) marks the attendable keys over the whole cache (None when no row is padded).
     """
-    return model(token, caches=caches, mask=mask).logits[:, -1]
+    return model(token, caches=caches, mask=mask, input_pos=input_pos).logits[:, -1]
+
+
+@functools.cache
+def compiled_decode(device_type: str) -> Callable[..., torch.Tensor]:
+    """decode_one_token under torch.compile for a device type, built once per process.
+
+    CUDA uses mode="reduce-overhead" (CUDA graphs: one launch per step); elsewhere Inductor's
+    default mode. fullgraph=True turns any graph break into an error instead of a slow fallback.
+    """
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +157,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
     if bool(mask.all()):
         return idx.to(device), None
     return idx.to(device), mask.to(device)
+
+
+def key_mask(prompt_mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """The (B, max_len) key mask of a cache: the (B, T) prompt's mask, then True for generated tokens."""
+    batch, prompt_len = prompt_mask.shape
+    mask = torch.ones(batch, max_len, dtype=torch.bool, device=prompt_mask.device)
+    mask[:, :prompt_len] = prompt_mask
+    return mask
 
 
 def token_budget(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> tuple[int, bool]:
@@ -171,7 +198,8 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int = 128,
                  temperature: float = 0.8, top_k: int = 50, top_p: float = 0.9,
                  seed: int | torch.Generator | None = None, eot_id: int | None = None, pad_id: int = 0,
-                 vocab_limit: int | None = None, amp_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+                 vocab_limit: int | None = None, amp_dtype: torch.dtype | None = None,
+                 compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the new token ids, a (B,) int64 tensor per step, for a batch of token-id prompts.
 
     - prompts: a list of id lists (any lengths; left padded here) or a (B, T) tensor.
@@ -180,6 +208,8 @@ def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tens
     - seed: an int or a torch.Generator makes samples reproducible; None uses the global RNG.
     - vocab_limit: sample only ids below it (a tokenizer smaller than the model's embedding).
     - amp_dtype: run the model under autocast to this dtype (e.g. bfloat16 on a GPU).
+    - compile: run decode steps through compiled_decode. Its caches then span the whole context,
+      so every prompt of a batch size reuses one graph; the first call pays for compiling.
     The model is put in eval mode while generating and restored afterwards.
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -191,10 +221,9 @@ def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tens
     budget, _ = token_budget(prompt_len, max_new_tokens, model.config.max_seq_len)
     generator = make_generator(seed, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    mask = None
-    if prompt_mask is not None:  # key mask over the whole run: the prompt's, then all True
-        mask = torch.ones(batch, prompt_len + budget, dtype=torch.bool, device=device)
-        mask[:, :prompt_len] = prompt_mask
+    max_len = model.config.max_seq_len if compile else prompt_len + budget - 1  # the last token is never fed back
+    mask = None if prompt_mask is None else key_mask(prompt_mask, max_len)
+    decode = compiled_decode(device.type) if compile else decode_one_token
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         if vocab_limit is not None:
@@ -205,8 +234,9 @@ def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tens
     model.eval()
     try:
         with autocast:
-            caches = model.new_caches(batch, prompt_len + budget - 1)  # the last token is never fed back
-            logits = prefill(model, idx, caches, None if mask is None else mask[:, :prompt_len])
+            caches = model.new_caches(batch, max_len, static_address=compile)
+            logits = prefill(model, idx, caches, mask)
+        input_pos = torch.tensor([prompt_len - 1], device=device)  # (1,) advanced before each decode step
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(budget):
             token = pick(logits)
@@ -216,9 +246,9 @@ def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tens
             yield token
             if step + 1 == budget or (eot_id is not None and bool(done.all())):
                 return
-            length = prompt_len + step + 1
+            input_pos = input_pos + 1
             with autocast:
-                logits = decode_one_token(model, token[:, None], caches, None if mask is None else mask[:, :length])
+                logits = decode(model, token[:, None], input_pos, caches, mask)
     finally:
         model.train(was_training)
 
@@ -243,11 +273,12 @@ def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], model: TachyonLM)
 
 def generate(model: TachyonLM, tokenizer: Tokenizer, prompts: str | list[str], max_new_tokens: int = 128,
              temperature: float = 0.8, top_k: int = 50, top_p: float = 0.9,
-             seed: int | torch.Generator | None = None) -> str | list[str]:
+             seed: int | torch.Generator | None = None, compile: bool = False) -> str | list[str]:
     """Continue one prompt (-> str) or a list of prompts (-> list[str]); returns only the new text.
 
     Each row stops at the tokenizer's end-of-text token or after max_new_tokens; if the model's
     context fills first, generation stops there with a warning. temperature 0 is greedy.
+    compile: torch.compile the decode step (see generate_ids).
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -260,7 +291,7 @@ def generate(model: TachyonLM, tokenizer: Tokenizer, prompts: str | list[str], m
     new_ids: list[list[int]] = [[] for _ in texts]
     finished = [False] * len(texts)
     for step in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eot,
-                             tokenizer.fill_id, tokenizer.vocab_size):
+                             tokenizer.fill_id, tokenizer.vocab_size, compile=compile):
         for row, token in enumerate(step.tolist()):
             if finished[row] or token == eot:
                 finished[row] = True
@@ -380,7 +411,8 @@ def stream_completion(model: TachyonLM, tokenizer: Tokenizer, prompt: str, args:
     count, hit_eot = 0, False
     start = time.perf_counter()
     for step in generate_ids(model, prompt_ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                             generator, tokenizer.eot_id, tokenizer.fill_id, tokenizer.vocab_size, amp):
+                             generator, tokenizer.eot_id, tokenizer.fill_id, tokenizer.vocab_size, amp,
+                             compile=args.compile):
         token = int(step[0])
         count += 1
         if token == tokenizer.eot_id:
@@ -436,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1]; 1 = off (default 0.9)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (CUDA graphs on CUDA); the first reply pays "
+                             "for compiling (default off)")
     return parser
 
 

@@ -16,7 +16,7 @@ try:  # flash-attn is optional (the `flash` extra); SDPA is the fallback.
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
-__all__ = ["Attention", "KVCache", "RMSNorm", "RotaryEmbedding", "SwiGLU"]
+__all__ = ["Attention", "KVCache", "RMSNorm", "RotaryEmbedding", "SwiGLU", "attention_mask"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -31,48 +31,62 @@ class RotaryEmbedding(nn.Module):
 
 
 class KVCache:
-    """Per-layer key/value cache for decoding: (B, max_len, n_kv_heads, head_dim) each."""
+    """Per-layer static-shape key/value cache: (B, max_len, n_kv_heads, head_dim) buffers each.
+
+    The buffers never change shape and writes go to positions given as a tensor, so a compiled
+    decode step is one graph for every position (as in gpt-fast) instead of one per length.
+    """
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, static_address: bool = False) -> None:
         self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.length = 0  # positions filled so far
+        if static_address:  # for torch.compile: CUDA graphs may then update the buffers in place
+            for buffer in (self.k, self.v):
+                torch._dynamo.mark_static_address(buffer)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, T, Hkv, D) after the filled positions; return all keys and values so far."""
-        start, end = self.length, self.length + k.shape[1]
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
-        self.length = end
-        return self.k[:, :end], self.v[:, :end]
+    @property
+    def max_len(self) -> int:
+        """Positions the cache holds (its fixed length)."""
+        return self.k.shape[1]
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, Hkv, D) at positions input_pos (T,); return the whole buffers (B, max_len, Hkv, D)."""
+        self.k.index_copy_(1, input_pos, k)
+        self.v.index_copy_(1, input_pos, v)
+        return self.k, self.v
+
+
+def attention_mask(query_pos: torch.Tensor, key_len: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Which keys each query may see: query positions (T,), keys 0..key_len-1 -> (B or 1, 1, T, S) bool.
+
+    Causal by absolute position: the query at p sees keys 0..p, so a fixed-length cache's unwritten
+    slots stay hidden. key_mask (B, S) is False at padding. With a key mask every query may also
+    see its own key: a left-pad query would otherwise have no key at all, its softmax would be NaN,
+    and the NaN would leak into later layers through the pad's K/V (0 * NaN is NaN even where the
+    mask gives it weight 0).
+    """
+    key_pos = torch.arange(key_len, device=query_pos.device)  # (S,)
+    causal = key_pos <= query_pos[:, None]  # (T, S)
+    if key_mask is None:
+        return causal[None, None]  # (1, 1, T, S)
+    own = key_pos == query_pos[:, None]  # (T, S)
+    return ((causal & key_mask[:, None, :]) | own)[:, None]  # (B, 1, T, S)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
-            mask: torch.Tensor | None) -> torch.Tensor:
-    """Causal GQA attention on (B, T, H, D) q and (B, S, Hkv, D) k/v -> (B, T, H, D).
+            allowed: torch.Tensor | None) -> torch.Tensor:
+    """GQA attention on (B, T, H, D) q and (B, S, Hkv, D) k/v -> (B, T, H, D).
 
-    Query i sits at key position S - T + i (bottom-right causal alignment), so the same call
-    serves training (S == T) and cached decoding (S > T). K/V are never repeated per head.
-    With a key mask every query may also see its own key: a left-pad query would otherwise have
-    no key at all, its softmax would be NaN, and the NaN would leak into later layers through
-    the pad's K/V (0 * NaN is NaN even where the mask gives it weight 0).
+    allowed (B or 1, 1, T, S) bool marks the keys each query sees (see attention_mask); None is
+    plain causal attention with S == T, the training path (flash-attn for CUDA half precision).
+    K/V are never repeated per head.
     """
-    T, S = q.shape[1], k.shape[1]
-    if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if allowed is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    if mask is None and T == S:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
-    elif mask is None and T == 1:  # one decoded token sees every cached key: no mask to build
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=True)
-    else:
-        query_pos = torch.arange(S - T, S, device=q.device)[:, None]  # (T, 1)
-        key_pos = torch.arange(S, device=q.device)[None, :]  # (1, S)
-        allowed = key_pos <= query_pos  # (T, S) causal
-        if mask is not None:
-            allowed = (allowed & mask[:, None, None, :]) | (key_pos == query_pos)  # (B, 1, T, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, enable_gqa=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                         is_causal=allowed is None, enable_gqa=True)
     return out.transpose(1, 2)
 
 
@@ -91,18 +105,22 @@ class Attention(nn.Module):
         self.k_norm = nn.Parameter(torch.ones(self.head_dim))
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, d_model) -> (B, T, d_model); with a cache, x holds the positions after it.
+                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model); with a cache, x holds positions input_pos (T,) of it.
 
-        mask (B, S) marks the key positions (cached + new) that may be attended (False = padding).
+        mask marks the attendable key positions (False = padding): (B, T) without a cache, (B,
+        cache.max_len) with one. RoPE uses the absolute positions: 0..T-1, or input_pos.
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
         q, k, v = qkv.split((H, Hkv, Hkv), dim=2)  # views: (B, T, H, D), (B, T, Hkv, D) x 2
-        offset = 0 if cache is None else cache.length
-        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, rotary.cos, rotary.sin, offset, self.eps)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        out = _attend(q, k, v, self.dropout if self.training else 0.0, mask)  # (B, T, H, D)
+        cos, sin = (rotary.cos, rotary.sin) if cache is None else (rotary.cos[input_pos], rotary.sin[input_pos])
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos, sin, 0, self.eps)
+        if cache is None:
+            allowed = None if mask is None else attention_mask(torch.arange(T, device=x.device), T, mask)
+        else:
+            k, v = cache.update(input_pos, k, v)  # (B, max_len, Hkv, D) each
+            allowed = attention_mask(input_pos, cache.max_len, mask)
+        out = _attend(q, k, v, self.dropout if self.training else 0.0, allowed)  # (B, T, H, D)
         return self.proj(out.reshape(B, T, H * D))

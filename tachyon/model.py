@@ -42,8 +42,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, mask))
+                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterStats]:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, mask, input_pos))
         ffn, stats = self.moe(self.ffn_norm(x))
         return x + self.dropout(ffn), stats
 
@@ -71,26 +72,25 @@ class TachyonLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, mask: torch.Tensor | None = None,
-                return_logits: bool = False) -> ModelOutput:
+                return_logits: bool = False, input_pos: torch.Tensor | None = None) -> ModelOutput:
         """idx (B, T) token ids; targets (B, T) with IGNORE_INDEX for positions not scored.
 
         With targets the loss comes from the fused LM head + cross-entropy, which never holds
         the batch's full-vocab logits; they are returned only without targets or when
-        `return_logits` is set. With `caches` (one KVCache per layer) idx holds only the new
-        positions; mask (B, S) marks attendable key positions when prompts are padded.
+        `return_logits` is set. With `caches` (one KVCache per layer) idx holds the tokens at
+        cache positions input_pos (T,) int64, a tensor so that a compiled decode step serves every
+        position. mask marks attendable key positions when prompts are padded: (B, T) without
+        caches, (B, max_len) over the whole cache with them.
         """
-        T = idx.shape[1]
-        start = 0 if caches is None else caches[0].length
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        self._check_positions(idx.shape[1], caches, input_pos)
         x = self.embed(idx)  # (B, T, d)
         stats = []
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
             if self.gradient_checkpointing and self.training:
-                x, s = checkpoint(block, x, self.rotary, cache, mask, use_reentrant=False)
+                x, s = checkpoint(block, x, self.rotary, cache, mask, input_pos, use_reentrant=False)
             else:
-                x, s = block(x, self.rotary, cache, mask)
+                x, s = block(x, self.rotary, cache, mask, input_pos)
             stats.append(s)
         x = self.norm(x)  # (B, T, d)
         fraction = torch.stack([s.expert_fraction for s in stats])
@@ -102,8 +102,28 @@ class TachyonLM(nn.Module):
         balance = torch.stack([s.balance_loss for s in stats]).sum()
         return ModelOutput(logits, ce + z_loss + balance, ce, z_loss, balance, fraction)
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        """Empty KV caches, one per layer, for `batch` sequences of up to `max_len` positions."""
+    def _check_positions(self, T: int, caches: list[KVCache] | None, input_pos: torch.Tensor | None) -> None:
+        """Raise ValueError for a sequence longer than the context or cache, or caches without input_pos.
+
+        Only shapes are read (positions are on the device; reading them would sync every step).
+        """
+        if caches is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            return
+        if input_pos is None or input_pos.shape != (T,):
+            raise ValueError(f"with caches, input_pos must be the ({T},) cache positions of idx's tokens")
+        if T > caches[0].max_len:
+            raise ValueError(f"{T} new tokens exceed the cache's {caches[0].max_len} positions")
+
+    def new_caches(self, batch: int, max_len: int, static_address: bool = False) -> list[KVCache]:
+        """Empty static-shape KV caches, one per layer, for `batch` sequences of up to `max_len` positions.
+
+        static_address marks the buffers for torch.compile's CUDA graphs (it imports dynamo, ~1 s).
+        """
         c, p = self.config, self.embed.weight
+        if max_len > c.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions exceeds max_seq_len {c.max_seq_len}")
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
-        return [KVCache(batch, max_len, c.n_kv_heads, c.head_dim, p.device, dtype) for _ in range(c.n_layers)]
+        return [KVCache(batch, max_len, c.n_kv_heads, c.head_dim, p.device, dtype, static_address)
+                for _ in range(c.n_layers)]

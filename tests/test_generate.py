@@ -7,6 +7,7 @@ import io
 import math
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -102,11 +103,9 @@ def _check_cached_against_full(model: TachyonLM, prompts: list[list[int]]) -> fl
     forced = torch.randint(2, model.config.vocab_size, (len(prompts), STEPS), generator=g)
     idx, prompt_mask = gen.left_pad(prompts, pad_id=1)
     batch, width = idx.shape
-    mask = None
-    if prompt_mask is not None:
-        mask = torch.cat([prompt_mask, torch.ones(batch, STEPS, dtype=torch.bool)], dim=1)
-    caches = model.new_caches(batch, width + STEPS)
-    logits = gen.prefill(model, idx, caches, None if mask is None else mask[:, :width])
+    caches = model.new_caches(batch, width + STEPS + 3)  # unwritten slots past the end stay masked
+    mask = None if prompt_mask is None else gen.key_mask(prompt_mask, caches[0].max_len)
+    logits = gen.prefill(model, idx, caches, mask)
     sequences = [list(p) for p in prompts]
     worst = 0.0
     for step in range(STEPS + 1):
@@ -118,9 +117,9 @@ def _check_cached_against_full(model: TachyonLM, prompts: list[list[int]]) -> fl
         token = forced[:, step]
         for row, seq in enumerate(sequences):
             seq.append(int(token[row]))
-        length = caches[0].length + 1
-        logits = gen.decode_one_token(model, token[:, None], caches, None if mask is None else mask[:, :length])
-    assert caches[0].length == width + STEPS and caches[0].k.shape[2] == model.config.n_kv_heads
+        input_pos = torch.tensor([width + step])
+        logits = gen.decode_one_token(model, token[:, None], input_pos, caches, mask)
+    assert caches[0].k.shape == (batch, width + STEPS + 3, model.config.n_kv_heads, model.config.head_dim)
     return worst
 
 
@@ -143,8 +142,18 @@ def test_test_model_is_not_degenerate(model: TachyonLM) -> None:
 def test_pad_queries_stay_finite(model: TachyonLM) -> None:
     idx, mask = gen.left_pad([[3], [4, 5, 6, 7, 8, 9]], pad_id=1)
     with torch.no_grad():
-        out = model(idx, caches=model.new_caches(2, 6), mask=mask).logits
+        out = model(idx, caches=model.new_caches(2, 6), mask=mask, input_pos=torch.arange(6)).logits
     assert torch.isfinite(out).all()
+
+
+def test_cache_misuse_is_a_clear_error(model: TachyonLM) -> None:
+    with pytest.raises(ValueError, match="exceeds max_seq_len 512"):
+        model.new_caches(1, 513)
+    caches = model.new_caches(1, 4)
+    with pytest.raises(ValueError, match=r"input_pos must be the \(2,\) cache positions"):
+        model(torch.tensor([[5, 6]]), caches=caches)
+    with pytest.raises(ValueError, match="5 new tokens exceed the cache's 4 positions"):
+        model(torch.arange(5)[None], caches=caches, input_pos=torch.arange(5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +207,51 @@ def test_context_limit_stops_with_a_notice(tokenizer: Tokenizer) -> None:
         gen.generate(small, tokenizer, prompt, max_new_tokens=50, temperature=0)
     with pytest.raises(TachyonError, match="the model's context is 24 tokens"):
         list(gen.generate_ids(small, [list(range(10, 34))], 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled decoding
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[torch.fx.GraphModule]]:
+    """Route compile=True through a fresh fullgraph torch.compile of decode_one_token; yields its graphs.
+
+    The backend records each graph it is given and runs it with aot_eager (functionalised like
+    Inductor's input, but without Inductor's C++ builds, too slow for CI's two cores).
+    """
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(gen.decode_one_token, backend=recording_backend, fullgraph=True)
+    monkeypatch.setattr(gen, "compiled_decode", lambda device_type: compiled)
+    yield graphs
+    torch._dynamo.reset()
+
+
+def test_compiled_decode_gives_the_eager_tokens(model: TachyonLM, compiled_graphs: list) -> None:
+    prompts = [[5, 17, 300, 4000, 9], [42, 43]]  # left padded: the key-mask path
+    eager = torch.stack(list(gen.generate_ids(model, prompts, 16, temperature=0)), dim=1)
+    compiled = torch.stack(list(gen.generate_ids(model, prompts, 16, temperature=0, compile=True)), dim=1)
+    assert len(compiled_graphs) == 1
+    assert torch.equal(compiled, eager)
+
+
+def test_compiled_decode_never_recompiles(model: TachyonLM, compiled_graphs: list) -> None:
+    """One graph serves every decode step and every prompt length of a batch size.
+
+    The position is a tensor and the cache spans the whole context; a cache length or position
+    held as a Python int would be guarded on, and the next step would recompile (an error here).
+    """
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompts in ([[5, 17, 300], [42]], [[7, 8, 9, 10, 11, 12], [1000, 2000]]):
+            steps = list(gen.generate_ids(model, prompts, 11, temperature=0, compile=True))
+            assert len(steps) == 11  # the prefill's token, then 10 decode steps
+    assert len(compiled_graphs) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +366,16 @@ def test_cli_generates_from_compiled_checkpoint_and_safetensors(files: dict[str,
     greedy_pt = out
     code, out_again, _ = _run(argv, capsys)
     assert out_again == greedy_pt
+
+
+def test_cli_compile_flag_gives_the_eager_text(files: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                               compiled_graphs: list) -> None:
+    argv = ["--checkpoint", str(files["pt"]), "--prompt", "def ", "--max-tokens", "8", "--temperature", "0",
+            "--device", "cpu"]
+    _, eager, _ = _run(argv, capsys)
+    code, compiled, err = _run([*argv, "--compile"], capsys)
+    assert code == 0, err
+    assert compiled == eager and len(compiled_graphs) == 1
 
 
 def test_cli_pt_and_safetensors_agree(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
