@@ -1,8 +1,8 @@
-"""Training data: the memory-mapped shard reader, `prepare`, `download`, and the embedded default corpus.
+"""Training data: the memory-mapped shard reader, the shard writer, `download`, and the embedded default corpus.
 
 Shards are `shard_NNNNN.npy`, 2-D (rows, width) integer arrays (int32; uint16 and int64 accepted) with
 end-of-text id 0 between documents and pad id 1 filling the last row: the layout of the original
-PreprocessedMIXED dataset, so its files train here unchanged.
+PreprocessedMIXED dataset, so its files train here unchanged. `prepare` (your own text) lives in tachyon.prepare.
 
     python -m tachyon.data prepare --tokenizer T --input PATH... --out DIR --seq-len 2048
     python -m tachyon.data download --repo SuperGoatScriptGuy/PreprocessedMIXED --shards 0-49 --out ./data
@@ -19,10 +19,11 @@ import sys
 import sysconfig
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -33,7 +34,6 @@ from .tokenizer import load_tokenizer, train_bpe
 
 SHARD_GLOB = "shard_*.npy"
 SPLIT_SEED = 1234  # the val/train split is a property of the data, not of a run's --seed
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 DEFAULT_VERSION = "1"  # bump when the embedded corpus or its tokenizer recipe changes: caches rebuild
 DEFAULT_VOCAB = 8192
 DEFAULT_MAX_MB_ENV = "TACHYON_DEFAULT_MB"  # caps the embedded corpus (tests set it small)
@@ -50,18 +50,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TACHYON_CACHE") or Path.home() / ".cache" / "tachyon").expanduser()
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write `array` to `path` via a temp name and a rename, so a killed write never leaves a complete-looking file."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file through `write` under a temp name, flush it to disk, then rename it into place: a kill or a
+    crash never leaves a complete-looking file that is not."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        np.save(f, array)
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save `array` as `path` atomically (see `atomic_write`)."""
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `obj` as indented JSON to `path` atomically (see `atomic_write`)."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 # ---------------------------------------------------------------------------------------------- reading shards
@@ -370,9 +377,10 @@ class BatchLoader:
 class ShardWriter:
     """Packs documents, each followed by end-of-text, into fixed rows and writes them as numbered shards.
 
-    Shards already in `out_dir` with the expected shape are kept, not rewritten, so an interrupted `prepare`
-    run restarts where it stopped. `meta.json` is written last: its presence means the set is complete.
-    The last row is filled up with the pad id, or dropped when the tokenizer has none (pad_id None).
+    Right after `add` reports that it wrote shards, whatever is still pending (`carry`) is a tail of that one
+    document, shorter than a shard: the moment for `prepare` to record where to resume (see `restore`).
+    `meta.json` is written last: its presence means the set is complete. The last row is filled up with the pad
+    id, or dropped when the tokenizer has none (pad_id None).
     """
 
     def __init__(self, out_dir: Path, seq_len: int, shard_rows: int, eot_id: int, pad_id: int | None,
@@ -381,12 +389,23 @@ class ShardWriter:
         self.eot_id, self.pad_id, self.dtype = eot_id, pad_id, np.dtype(dtype)
         self._pending: list[np.ndarray] = []  # token chunks not yet written
         self._pending_len = 0
-        self.n_shards = self.n_tokens = self.n_docs = self.kept = 0
+        self.n_shards = self.n_tokens = self.n_docs = 0
 
-    def add(self, ids: list[int]) -> None:
-        """Append one document (and an end-of-text after it)."""
+    @property
+    def carry(self) -> np.ndarray:
+        """The tokens added but not written yet, as one array."""
+        return np.concatenate(self._pending) if self._pending else np.empty(0, self.dtype)
+
+    def restore(self, n_shards: int, n_tokens: int, n_docs: int, carry: np.ndarray) -> None:
+        """Continue as if the first `n_shards` shards had just been written with `carry` left over (a resumed run)."""
+        self.n_shards, self.n_tokens, self.n_docs = n_shards, n_tokens, n_docs
+        self._pending = [carry.astype(self.dtype)] if len(carry) else []
+        self._pending_len = len(carry)
+
+    def add(self, ids: list[int]) -> bool:
+        """Append one document (and an end-of-text after it); True when that completed one or more shards."""
         if not ids:
-            return
+            return False
         chunk = np.empty(len(ids) + 1, dtype=self.dtype)
         chunk[:-1] = ids
         chunk[-1] = self.eot_id
@@ -394,11 +413,13 @@ class ShardWriter:
         self._pending_len += len(chunk)
         self.n_tokens += len(chunk)
         self.n_docs += 1
-        if self._pending_len >= self.seq_len * self.shard_rows:
-            self._flush(final=False)
+        if self._pending_len < self.seq_len * self.shard_rows:
+            return False
+        self._flush(final=False)
+        return True
 
     def _flush(self, final: bool) -> None:
-        flat = np.concatenate(self._pending) if self._pending else np.empty(0, self.dtype)
+        flat = self.carry
         per_shard = self.seq_len * self.shard_rows
         start = 0
         while len(flat) - start >= per_shard:
@@ -419,14 +440,6 @@ class ShardWriter:
     def _write(self, rows: np.ndarray) -> None:
         path = self.out_dir / shard_name(self.n_shards)
         self.n_shards += 1
-        if path.exists():
-            try:
-                old = np.load(path, mmap_mode="r")
-                if old.shape == rows.shape and old.dtype == rows.dtype:
-                    self.kept += 1
-                    return
-            except Exception:
-                pass  # damaged: write it again
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _atomic_save_npy(path, np.ascontiguousarray(rows))
 
@@ -438,107 +451,6 @@ class ShardWriter:
                 "eot_id": self.eot_id, "pad_id": self.pad_id}
         _atomic_write_json(self.out_dir / "meta.json", meta)
         return meta
-
-
-def _text_files(inputs: Iterable[str | Path]) -> list[Path]:
-    files = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-            if not found:
-                raise TachyonError(f"input folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
-            files += found
-        elif path.is_file():
-            if path.suffix not in TEXT_SUFFIXES:
-                raise TachyonError(f"input {path} is not a {'/'.join(TEXT_SUFFIXES)} file")
-            files.append(path)
-        else:
-            raise TachyonError(f"input {path} does not exist; pass --input with text files or folders")
-    return files
-
-
-def _documents(path: Path, text_field: str) -> Iterator[str]:
-    """The documents of one file: the whole file for .txt/.md, one per line's `text_field` for .jsonl."""
-    if path.suffix != ".jsonl":
-        yield path.read_text(encoding="utf-8", errors="replace")
-        return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TachyonError(f"{path}:{n} is not valid JSON ({exc.msg}); .jsonl files need one JSON object "
-                                   "per line") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if isinstance(text, str):
-                yield text
-
-
-def prepare(tokenizer: str | Path, inputs: list[str | Path], out: str | Path, seq_len: int = 2048,
-            shard_rows: int | None = None, text_field: str = "text", batch_chars: int = 4_000_000,
-            log: Callable[[str], None] = print) -> dict:
-    """Tokenize text files into shards: documents joined by end-of-text, packed into rows of `seq_len`.
-
-    `shard_rows` defaults to about 20M tokens per shard, as in the original dataset. Encoding runs in batches
-    through the tokenizer's parallel encoder. Restartable: shards already written are kept.
-    """
-    from tqdm import tqdm
-
-    tok = load_tokenizer(tokenizer)
-    files = _text_files(inputs)
-    total_bytes = sum(p.stat().st_size for p in files)
-    if total_bytes == 0:
-        raise TachyonError(f"the inputs ({', '.join(str(p) for p in files[:3])}) hold no text; nothing to prepare")
-    out = Path(out)
-    shard_rows = shard_rows or max(1, 20_000_000 // seq_len)
-    if (out / "meta.json").exists():
-        old = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-        if old.get("tokenizer_sha256") != tok.sha256 or old.get("seq_len") != seq_len:
-            raise TachyonError(f"{out} already holds shards from another tokenizer or seq_len; use an empty --out")
-    settings = {"tokenizer_sha256": tok.sha256, "seq_len": seq_len, "shard_rows": shard_rows, "text_field": text_field,
-                "sources": [str(p.resolve()) for p in files]}
-    marker = out / ".prepare.json"  # what the shards already in `out` were made from, for restarts
-    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) != settings:
-        raise TachyonError(f"{out} holds an unfinished `prepare` of other inputs or settings; use an empty --out "
-                           "or repeat the earlier command to finish it")
-    (out / "meta.json").unlink(missing_ok=True)  # incomplete again until this run finishes
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(marker, settings)
-    writer = ShardWriter(out, seq_len, shard_rows, tok.eot_id, tok.pad_id)
-    log(f"tokenizing {len(files)} files ({total_bytes / 1e6:.1f} MB) into {out} (seq_len {seq_len}, "
-        f"{shard_rows} rows per shard)")
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare") as bar:
-        batch: list[str] = []
-        chars = done_bytes = 0  # done_bytes: files read whole but not yet encoded, for the bar
-
-        def flush() -> None:
-            nonlocal batch, chars, done_bytes
-            for ids in tok.encode_batch(batch):  # one parallel call for many documents, across files
-                writer.add(ids)
-            bar.update(done_bytes)
-            batch, chars, done_bytes = [], 0, 0
-
-        for path in files:
-            for doc in _documents(path, text_field):
-                batch.append(doc)
-                chars += len(doc)
-                if chars >= batch_chars:
-                    flush()
-            done_bytes += path.stat().st_size
-        flush()
-    if writer.n_tokens == 0:
-        hint = f' (.jsonl lines need a "{text_field}" string field; set --text-field)' if any(
-            p.suffix == ".jsonl" for p in files) else ""
-        marker.unlink()
-        raise TachyonError(f"no text found in the inputs{hint}; nothing to prepare")
-    meta = writer.finish({"tokenizer": str(tok.path), "tokenizer_sha256": tok.sha256,
-                          "vocab_size": tok.vocab_size, "sources": [str(p) for p in files]})
-    log(f"wrote {meta['num_shards']} shards ({writer.kept} kept from an earlier run), {meta['num_tokens']:,} tokens, "
-        f"to {out}")
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------- download
@@ -699,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> None:
         if args.command == "prepare":
+            from .prepare import prepare  # imported here: tachyon.prepare builds on this module
             if args.seq_len < 2 or (args.shard_rows is not None and args.shard_rows < 1):
                 raise TachyonError("--seq-len must be >= 2 and --shard-rows >= 1")
             prepare(args.tokenizer, args.input, args.out, seq_len=args.seq_len, shard_rows=args.shard_rows,

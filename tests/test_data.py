@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from tachyon import data
-from tachyon.data import BatchLoader, embedded_default, find_shards, parse_shard_range, prepare
+from tachyon.data import BatchLoader, embedded_default, find_shards, parse_shard_range
 from tachyon.errors import TachyonError
 from tachyon.model import IGNORE_INDEX
-from tachyon.tokenizer import load_tokenizer, train_bpe
+from tachyon.prepare import PROGRESS, prepare
+from tachyon.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "The Tachyon reader packs documents into rows. Each row is a window of tokens; pads fill the end.\n"
@@ -258,23 +259,97 @@ def test_prepare_packs_documents_into_shards_that_decode_back(tmp_path: Path, to
     assert x.shape == (4, 32) and int(x.max()) < tok.vocab_size
 
 
-def test_prepare_restarts_keeping_finished_shards(tmp_path: Path, tokenizer_path: Path) -> None:
+def interrupt_at_shard(monkeypatch: pytest.MonkeyPatch, stop: int, written: bool) -> None:
+    """Make `prepare` stop as a kill would: before shard `stop` is written, or just after it (before it is recorded)."""
+    write = data.ShardWriter._write
+
+    def interrupted(self: data.ShardWriter, rows: np.ndarray) -> None:
+        if self.n_shards == stop and not written:
+            raise KeyboardInterrupt
+        write(self, rows)
+        if self.n_shards == stop + 1 and written:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.ShardWriter, "_write", interrupted)
+
+
+def record_encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every text the tokenizer encodes from now on, in order."""
+    encoded: list[str] = []
+    encode, encode_batch = Tokenizer.encode, Tokenizer.encode_batch
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text: encoded.append(text) or encode(self, text))
+    monkeypatch.setattr(Tokenizer, "encode_batch",
+                        lambda self, texts: encoded.extend(texts) or encode_batch(self, texts))
+    return encoded
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("seq_len, shard_rows, batch_chars, written", [
+    (32, 4, 1, False),  # one document per encode call; stopped before a shard is written
+    (32, 4, 4_000_000, True),  # all documents in one call; stopped after a shard is written, before it is recorded
+    (16, 2, 4_000_000, False),  # the first document fills 5 shards alone and leaves tokens over for the next
+])
+def test_an_interrupted_prepare_resumes_without_re_tokenizing_and_matches_an_uninterrupted_run(
+        tmp_path: Path, tokenizer_path: Path, monkeypatch: pytest.MonkeyPatch, seq_len: int, shard_rows: int,
+        batch_chars: int, written: bool) -> None:
+    docs = make_corpus(tmp_path / "text")
+    args = dict(tokenizer=tokenizer_path, inputs=[tmp_path / "text"], seq_len=seq_len, shard_rows=shard_rows,
+                batch_chars=batch_chars, log=lambda s: None)
+    whole = prepare(**args, out=tmp_path / "whole")
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        interrupt_at_shard(m, stop=5, written=written)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(**args, out=out)
+    assert not (out / "meta.json").exists() and (out / PROGRESS).is_file()
+    assert len(find_shards(out)) == 5 + written
+
+    tok = load_tokenizer(tokenizer_path)
+    ends = np.cumsum([len(tok.encode(d)) + 1 for d in docs])
+    finished = int(np.searchsorted(ends, 5 * seq_len * shard_rows)) + 1  # up to the one that completed shard 4
+    encoded = record_encoded(monkeypatch)
+    logs: list[str] = []
+    meta = prepare(**{**args, "log": logs.append}, out=out)
+    assert encoded[:len(docs) - finished] == docs[finished:] and len(encoded) == len(docs) - finished
+    assert "resuming an unfinished run at shard 5" in logs[1] and "(5 of them before the restart)" in logs[-1]
+    assert meta == whole and contents(out) == contents(tmp_path / "whole")  # no progress or temp files left either
+
+
+def test_a_restart_with_other_arguments_is_refused_and_one_with_changed_inputs_starts_over(
+        tmp_path: Path, tokenizer_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_corpus(tmp_path / "text")
-    args = dict(tokenizer=tokenizer_path, inputs=[tmp_path / "text"], out=tmp_path / "out", seq_len=32, shard_rows=8,
+    out = tmp_path / "out"
+    args = dict(tokenizer=tokenizer_path, inputs=[tmp_path / "text"], out=out, seq_len=32, shard_rows=4,
                 log=lambda s: None)
-    prepare(**args)
-    shards = find_shards(tmp_path / "out")
-    before = [p.read_bytes() for p in shards]
-    (tmp_path / "out" / "meta.json").unlink()  # as if killed before the end
-    shards[-1].unlink()
-    mtime = shards[0].stat().st_mtime_ns
-    messages = []
-    prepare(**{**args, "log": messages.append})
-    assert f"({len(shards) - 1} kept from an earlier run)" in messages[-1]
-    assert shards[0].stat().st_mtime_ns == mtime and [p.read_bytes() for p in shards] == before
-    assert (tmp_path / "out" / "meta.json").is_file()
+    with monkeypatch.context() as m:
+        interrupt_at_shard(m, stop=5, written=False)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(**args)
+    left = contents(out)
+    for change, message in [({"seq_len": 64}, "seq_len 32 then, 64 now"),
+                            ({"inputs": [tmp_path / "text" / "a.txt"]}, "inputs ")]:
+        with pytest.raises(TachyonError, match=rf"{out} holds an unfinished prepare with other arguments "
+                                               rf"\({message}.*repeat the earlier command"):
+            prepare(**{**args, **change})
+    assert contents(out) == left  # refused before touching anything
+
+    with (tmp_path / "text" / "sub" / "c.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "one more record"}) + "\n")
+    logs: list[str] = []
+    meta = prepare(**{**args, "log": logs.append})
+    assert logs[0] == f"starting over in {out}: the inputs changed since the unfinished run " \
+                      f"({(tmp_path / 'text' / 'sub' / 'c.jsonl').resolve()} changed size or modification time)"
+    assert meta == prepare(**{**args, "out": tmp_path / "fresh"}) and contents(out) == contents(tmp_path / "fresh")
+
+    assert prepare(**args) == meta and contents(out) == contents(tmp_path / "fresh")  # a finished set is rebuilt
     with pytest.raises(TachyonError, match="already holds shards from another tokenizer or seq_len"):
         prepare(**{**args, "seq_len": 64})
+    write_shards(tmp_path / "other", [(4, 32)])
+    with pytest.raises(TachyonError, match="holds shard_\\*.npy files that no unfinished prepare recorded"):
+        prepare(**{**args, "out": tmp_path / "other"})
 
 
 def test_prepare_bad_inputs(tmp_path: Path, tokenizer_path: Path, capsys: pytest.CaptureFixture) -> None:
