@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,9 @@ class Tokenizer:
     """A loaded `tokenizers.Tokenizer` plus what training needs to know about it.
 
     `vocab_size` counts added tokens too, so every id the tokenizer can emit is below it.
-    `encode` adds no special tokens (documents are joined with `eot_id` by the caller) and `decode`
-    keeps them, so decode(encode(text)) == text for byte-level BPE.
+    `encode` adds no special tokens (documents are joined with `eot_id` by the caller) and encodes a
+    special token's text that appears in the input (a literal `<|endoftext|>`) as ordinary text, so text
+    can never forge a document boundary; `decode` keeps special ids, so decode(encode(text)) == text.
     """
 
     path: Path
@@ -90,6 +92,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise TachyonError(f"tokenizer {path} has no end-of-text token (looked for {', '.join(EOT_NAMES)}); "
                            "add one as a special token")
     pad_id = _special_id(backend, PAD_NAMES)
+    backend.encode_special_tokens = True  # a literal "<|endoftext|>" in text is text, never the special id
     return Tokenizer(path=path.resolve(), sha256=file_sha256(path), vocab_size=backend.get_vocab_size(),
                      eot_id=eot_id, pad_id=pad_id, backend=backend)
 
@@ -105,6 +108,24 @@ def check_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
         raise TachyonError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
                            f"is {vocab_size}: use the tokenizer the model was trained with, or a model with "
                            f"vocab_size >= {padded_vocab_size(tokenizer.vocab_size)}")
+
+
+def check_same_tokenizer(recorded_sha256: str | None, tokenizer: Tokenizer, source: str, explicit: bool) -> None:
+    """Refuse a tokenizer other than the one `source` (a checkpoint) was trained with, by file hash.
+
+    Ids only mean text through the tokenizer that made them: another one decodes the model's output to garbage
+    and trains it on shifted meanings. A tokenizer the user named explicitly (`explicit`) only gets a warning on
+    stderr, for the rare deliberate case; nothing is checked when the source records no hash.
+    """
+    if not recorded_sha256 or recorded_sha256 == tokenizer.sha256:
+        return
+    what = (f"{source} was trained with the tokenizer of sha256 {recorded_sha256[:12]}..., but {tokenizer.path} "
+            f"has sha256 {tokenizer.sha256[:12]}...")
+    if explicit:
+        print(f"warning: {what}; going on because --tokenizer was given explicitly", file=sys.stderr)
+        return
+    raise TachyonError(f"{what}; pass --tokenizer with the tokenizer it was trained with (or, to use this one "
+                       "anyway, pass it explicitly with --tokenizer)")
 
 
 def train_bpe(texts: Iterable[str], out_path: str | Path, vocab_size: int = 8192, length: int | None = None) -> Path:

@@ -14,7 +14,9 @@ import json
 import math
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -29,19 +31,25 @@ import kernels
 
 from .checkpoint import (
     DEFAULT_RUN_DIR,
+    RunLock,
     archive_previous_run,
-    config_from_dict,
+    check_resumable,
+    checkpoint_config,
+    free_space,
+    io_reason,
     latest_checkpoint,
     load_checkpoint,
+    prepare_run_dir,
+    remove_stale_temps,
     save_checkpoint,
 )
 from .config import PRESETS, ModelConfig, active_params, flops_per_token, get_preset, total_params
 from .data import BatchLoader, embedded_default
-from .errors import TachyonError, run_cli
+from .errors import Interrupted, TachyonError, run_cli
 from .hardware import bf16_peak_flops, resolve_device
 from .model import TachyonLM
 from .optim import lr_at, make_optimizer
-from .tokenizer import Tokenizer, check_fits, load_tokenizer, padded_vocab_size
+from .tokenizer import Tokenizer, check_fits, check_same_tokenizer, load_tokenizer, padded_vocab_size
 
 # Defaults that differ between a quick run on the embedded corpus and a real-data run; the
 # real-data values are the original trainer's.
@@ -51,6 +59,10 @@ REAL_DATA_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=2048, lr=3e-4, m
                           max_steps=100_000, log_interval=10, save_interval=1000, eval_interval=1000,
                           val_fraction=0.0)
 MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
+# The smallest value of each integer option (the CLI spelling is the name with '-' for '_').
+INT_MINIMUM = dict(batch_size=1, grad_accum=1, seq_len=2, max_steps=1, log_interval=1, eval_batches=1, warmup=0,
+                   save_interval=0, eval_interval=0, keep_last=0, val_shards=0, num_workers=0, seed=0)
+MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -121,7 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     a("--kernels", default=None, choices=kernels.BACKENDS,
       help="fused Triton kernels, the PyTorch reference, or auto: Triton on CUDA (default: $TACHYON_KERNELS or auto)")
     a("--tensorboard", action="store_true", help="also log to TensorBoard in the run directory")
+    a("--save-on-interrupt", dest="save_on_interrupt", action=argparse.BooleanOptionalAction,
+      default=None, help="save a checkpoint when stopped by SIGTERM or Ctrl-C (default: on for SIGTERM, off for "
+      "Ctrl-C)")
     return p
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse any numeric option that is not finite or out of its range, before any work is done."""
+    for name, least in INT_MINIMUM.items():
+        if getattr(args, name) < least:
+            raise TachyonError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.seed > MAX_SEED:
+        raise TachyonError(f"--seed must be at most {MAX_SEED}, got {args.seed}")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "val_fraction"):
+        if not math.isfinite(getattr(args, name)):
+            raise TachyonError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise TachyonError(f"--lr must be above 0, got {args.lr}")
+    for name in ("min_lr", "weight_decay", "grad_clip"):
+        if getattr(args, name) < 0:
+            raise TachyonError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.min_lr > args.lr:
+        raise TachyonError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min-lr")
+    if not 0 <= args.val_fraction < 1:
+        raise TachyonError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -136,6 +172,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         else:  # the nano run lands where `python -m tachyon.generate` looks by default
             args.save_dir = DEFAULT_RUN_DIR if args.preset == "nano" else Path("runs") / f"default-{args.preset}"
     preset = get_preset(args.preset)  # checked before any data is built
+    check_numbers(args)
     if args.seq_len > preset.max_seq_len:
         raise TachyonError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's max_seq_len "
                            f"{preset.max_seq_len}: use --seq-len {preset.max_seq_len} or less")
@@ -145,11 +182,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.grad_ckpt is None:
         args.grad_ckpt = args.device.startswith("cuda") and args.preset in ("medium", "large")
     args.compile = args.compile and args.device.startswith("cuda")
-    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "log_interval", "eval_batches"):
-        if getattr(args, name) < 1:
-            raise TachyonError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0 <= args.val_fraction < 1:
-        raise TachyonError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     return args
 
 
@@ -184,15 +216,29 @@ def config_mismatch(saved: ModelConfig, wanted: ModelConfig) -> str:
 
 
 def find_resume(args: argparse.Namespace) -> Path | None:
+    """The checkpoint --resume names: 'latest' in --save-dir, the newest in a given run directory, or a file."""
     if args.resume is None:
         return None
-    if args.resume == "latest":
-        path = latest_checkpoint(args.save_dir)
-        if path is None:
-            raise TachyonError(f"--resume latest: no checkpoint_<step>.pt in {args.save_dir} to resume from "
-                               "(drop --resume to start a new run, or pass --save-dir of an earlier run)")
-        return path
-    return Path(args.resume)
+    folder = args.save_dir if args.resume == "latest" else Path(args.resume)
+    if args.resume != "latest" and not folder.is_dir():
+        return folder
+    path = latest_checkpoint(folder)
+    if path is None:
+        raise TachyonError(f"--resume {args.resume}: no checkpoint_<step>.pt in {folder} to resume from "
+                           "(drop --resume to start a new run, or pass --save-dir of an earlier run)")
+    return path
+
+
+def load_resume(path: Path, config: ModelConfig, tokenizer: Tokenizer | None, explicit_tokenizer: bool
+                ) -> dict[str, Any]:
+    """Read the checkpoint to resume from and check that it belongs to this run: config and tokenizer."""
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path)
+    if diff := config_mismatch(checkpoint_config(ckpt, path), config):
+        raise TachyonError(f"checkpoint {path} was trained with another config: {diff}")
+    if tokenizer is not None:
+        check_same_tokenizer(ckpt.get("tokenizer_sha256"), tokenizer, f"checkpoint {path}", explicit_tokenizer)
+    return ckpt
 
 
 def memory_gb(device: str) -> float:
@@ -237,10 +283,15 @@ class MetricsLog:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append `record`; a full disk or a permission change since the start is one TachyonError line."""
         if not self.claimed:
             self._claim()
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise TachyonError(f"could not append to {self.path} ({io_reason(exc)}; {free_space(self.run_dir)})"
+                               ) from None
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -301,9 +352,79 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int,
     return (total / batches).item()
 
 
+class StopSignals:
+    """While active, SIGTERM (what schedulers send before killing a job) and SIGINT (Ctrl-C) ask the run to stop.
+
+    The first signal only sets `signum`: the trainer finishes the current step (and a save in progress), then
+    stops cleanly. A second one raises KeyboardInterrupt at once, abandoning the step. Signal handlers exist only
+    in the main thread; elsewhere this does nothing and the default behaviour stays.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal, as a shell reports a process the signal killed: 143 for SIGTERM, 130 for SIGINT."""
+        return 128 + int(self.signum or signal.SIGINT)
+
+
+def params_finite(model: torch.nn.Module) -> torch.Tensor:
+    """A 0-d bool tensor on the model's device: are all parameters finite? One fused norm, no host sync.
+
+    Non-finite parameters stay non-finite (every later loss is non-finite, so every later step is skipped), so
+    checking at log and save points is enough to catch an update that overflowed.
+    """
+    norms = torch._foreach_norm([p.detach() for p in model.parameters()])
+    return torch.stack(norms).isfinite().all()
+
+
+def claim_run_dir(run_dir: Path, log: Callable[[str], None]) -> RunLock:
+    """Check that the run directory is writable, lock it for this run, and clear what killed runs left there."""
+    prepare_run_dir(run_dir)
+    lock = RunLock(run_dir).acquire()
+    count, size = remove_stale_temps(run_dir)
+    if count:
+        log(f"removed {count} temporary checkpoint file(s) ({size / 1e6:.1f} MB) left by a killed run in {run_dir}")
+    return lock
+
+
 def train(args: argparse.Namespace) -> Path:
-    """Run training as `args` says; returns the path of the final checkpoint."""
+    """Run training as `args` says; returns the path of the final checkpoint.
+
+    The run directory is locked for the whole run, so a second trainer there is refused (naming this one's PID).
+    """
     args = resolve_args(args)
+    lock = claim_run_dir(Path(args.save_dir), tqdm.write)
+    try:
+        return _train(args)
+    finally:
+        lock.release()
+
+
+def _train(args: argparse.Namespace) -> Path:
+    """The body of `train`, run while the run directory is locked."""
     if args.kernels is not None:
         kernels.set_backend(args.kernels)
     log = tqdm.write
@@ -320,11 +441,7 @@ def train(args: argparse.Namespace) -> Path:
     config = model_config(args, tokenizer)
 
     resume_path = find_resume(args)
-    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-    if ckpt is not None:
-        saved = config_from_dict(ckpt["config"])
-        if diff := config_mismatch(saved, config):
-            raise TachyonError(f"checkpoint {resume_path} was trained with another config: {diff}")
+    ckpt = load_resume(resume_path, config, tokenizer, args.tokenizer is not None) if resume_path else None
 
     pad_id = tokenizer.pad_id if tokenizer is not None else 1  # shards without a tokenizer: the original's layout
     loader_args = dict(batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, vocab_size=config.vocab_size,
@@ -355,18 +472,24 @@ def train(args: argparse.Namespace) -> Path:
     flops_tok = flops_per_token(config, args.seq_len)
     device_name, peak = bf16_peak_flops(device)
     run_dir = Path(args.save_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir, args.tensorboard, resumed_at=step if ckpt is not None else None)
     log(f"model {args.preset}: {total_params(config) / 1e6:.1f}M params, {active_params(config) / 1e6:.1f}M active, "
         f"vocab {config.vocab_size} | {device_name}, {args.dtype}, kernels={kernels.get_backend()}, "
         f"compile={args.compile}, grad-ckpt={args.grad_ckpt} | {tokens_per_step:,} tokens/step, "
         f"{args.max_steps} steps | run dir {run_dir}")
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-                "data": loader.state_dict(), "rng": rng_state(), "args": {k: str(v) for k, v in vars(args).items()},
-                "tokenizer_path": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
-                "tokenizer_sha256": tokenizer.sha256 if tokenizer else None}
+    def diverged(why: str) -> TachyonError:
+        return TachyonError(f"training diverged: {why}; {saved_so_far(run_dir, metrics.archive)} (try a lower --lr)")
+
+    def save() -> Path:
+        """Checkpoint the current step; never from a model whose parameters are no longer finite."""
+        if not bool(params_finite(model)):
+            raise diverged(f"the parameters are non-finite at step {step}, so it was not saved")
+        return save_checkpoint(run_dir, step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
+            "data": loader.state_dict(), "rng": rng_state(), "args": {k: str(v) for k, v in vars(args).items()},
+            "tokenizer_path": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
+            "tokenizer_sha256": tokenizer.sha256 if tokenizer else None}, args.keep_last)
 
     def run_eval() -> None:
         if val_loader is None:
@@ -374,6 +497,18 @@ def train(args: argparse.Namespace) -> Path:
         val_loss = evaluate(step_model, val_loader, args.eval_batches, autocast)
         log(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
         metrics.write({"kind": "eval", "step": step, "val_loss": val_loss})
+
+    def stopped(signals: StopSignals, last_path: Path | None) -> Interrupted:
+        """Stop at the end of a step on a signal, saving first when asked to (default: on SIGTERM only)."""
+        save_wanted = args.save_on_interrupt if args.save_on_interrupt is not None else \
+            signals.signum == signal.SIGTERM
+        if save_wanted and (last_path is None or last_path.name != f"checkpoint_{step}.pt"):
+            last_path = save()
+        if last_path is not None and last_path.name == f"checkpoint_{step}.pt":
+            what = f"saved {last_path}; continue with --resume latest"
+        else:
+            what = f"not saved (--save-on-interrupt saves); {saved_so_far(run_dir, metrics.archive)}"
+        return Interrupted(f"stopped by {signals.name} after step {step}: {what}", signals.exit_code)
 
     sums = torch.zeros(4, device=device)  # loss, ce, z_loss, balance summed over the applied steps' micro-batches
     step_sums = torch.zeros(4, device=device)  # the same for the current step only
@@ -385,62 +520,70 @@ def train(args: argparse.Namespace) -> Path:
     last_path = None
     bar = tqdm(total=args.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                disable=not sys.stderr.isatty())
+    signals = StopSignals()
     try:
-        while step < args.max_steps:
-            lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(args.grad_accum):
-                x, y = next(loader)
-                with autocast():
-                    out = step_model(x, y)
-                (out.loss / args.grad_accum).backward()
-                step_sums += torch.stack([out.loss, out.ce, out.z_loss, out.balance_loss]).detach().float()
-                fractions += out.expert_fraction.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            bad = guarded_step(optimizer, norm)
-            streak = (streak + bad) * bad  # consecutive non-finite steps, counted on the device
-            skipped += bad
-            applied += 1 - bad
-            sums += torch.where(bad > 0, 0.0, step_sums)  # a skipped step's NaN stays out of the logged means
-            step_sums.zero_()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            interval_steps += 1
-            bar.update(1)
+        with signals:
+            while step < args.max_steps:
+                lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.max_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                for _ in range(args.grad_accum):
+                    x, y = next(loader)
+                    with autocast():
+                        out = step_model(x, y)
+                    (out.loss / args.grad_accum).backward()
+                    step_sums += torch.stack([out.loss, out.ce, out.z_loss, out.balance_loss]).detach().float()
+                    fractions += out.expert_fraction.detach()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                bad = guarded_step(optimizer, norm)
+                streak = (streak + bad) * bad  # consecutive non-finite steps, counted on the device
+                skipped += bad
+                applied += 1 - bad
+                sums += torch.where(bad > 0, 0.0, step_sums)  # a skipped step's NaN stays out of the logged means
+                step_sums.zero_()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                interval_steps += 1
+                bar.update(1)
 
-            if step % args.log_interval == 0 or step == args.max_steps or bad_streak_checked(streak, device):
-                if (n_skipped := int(skipped.item())) > 0:
-                    log(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient were skipped")
-                    skipped.zero_()
-                if (run_of_bad := int(streak.item())) >= MAX_BAD_STEPS:
-                    raise TachyonError(f"training diverged: {run_of_bad} non-finite steps in a row up to step {step}; "
-                                       f"{saved_so_far(run_dir, metrics.archive)} (try a lower --lr)")
-            if step == 1 or step % args.log_interval == 0 or step == args.max_steps:
-                elapsed = time.perf_counter() - interval_start
-                loss, ce, z, bal = (sums / (applied * args.grad_accum)).tolist()  # nan if every step was skipped
-                load = (fractions / (interval_steps * args.grad_accum)).cpu()
-                tok_s = interval_steps * tokens_per_step / elapsed
-                mfu = tok_s * flops_tok / peak if peak else None
-                imbalance = (load.max(dim=1).values * config.n_routed_experts).max().item()
-                mem = memory_gb(args.device)
-                log(f"step {step:>6} | loss {loss:.4f} | ce {ce:.4f} | z {z:.2e} | bal {bal:.4f} | lr {lr:.2e} | "
-                    f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                    + f" | mem {mem:.2f} GB | max expert load {imbalance:.2f}x")
-                metrics.write({"kind": "train", "step": step, "loss": loss, "ce": ce, "z_loss": z,
-                               "balance_loss": bal, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
-                               "memory_gb": mem, "expert_load": load.tolist()})
-                sums.zero_()
-                applied.zero_()
-                fractions.zero_()
-                interval_steps, interval_start = 0, time.perf_counter()
-            if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
-                run_eval()
-            if args.save_interval and step % args.save_interval == 0 and step < args.max_steps:
-                last_path = save_checkpoint(run_dir, step, checkpoint_state(), args.keep_last)
-        run_eval()
-        last_path = save_checkpoint(run_dir, step, checkpoint_state(), args.keep_last)
+                if step % args.log_interval == 0 or step == args.max_steps or bad_streak_checked(streak, device):
+                    if (n_skipped := int(skipped.item())) > 0:
+                        log(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient were skipped")
+                        skipped.zero_()
+                    if (run_of_bad := int(streak.item())) >= MAX_BAD_STEPS:
+                        raise diverged(f"{run_of_bad} non-finite steps in a row up to step {step}")
+                    if not bool(params_finite(model)):
+                        raise diverged(f"an update made the parameters non-finite by step {step}")
+                if step == 1 or step % args.log_interval == 0 or step == args.max_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    loss, ce, z, bal = (sums / (applied * args.grad_accum)).tolist()  # nan if every step was skipped
+                    load = (fractions / (interval_steps * args.grad_accum)).cpu()
+                    tok_s = interval_steps * tokens_per_step / elapsed
+                    mfu = tok_s * flops_tok / peak if peak else None
+                    imbalance = (load.max(dim=1).values * config.n_routed_experts).max().item()
+                    mem = memory_gb(args.device)
+                    log(f"step {step:>6} | loss {loss:.4f} | ce {ce:.4f} | z {z:.2e} | bal {bal:.4f} | lr {lr:.2e} | "
+                        f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                        + f" | mem {mem:.2f} GB | max expert load {imbalance:.2f}x")
+                    metrics.write({"kind": "train", "step": step, "loss": loss, "ce": ce, "z_loss": z,
+                                   "balance_loss": bal, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
+                                   "memory_gb": mem, "expert_load": load.tolist()})
+                    sums.zero_()
+                    applied.zero_()
+                    fractions.zero_()
+                    interval_steps, interval_start = 0, time.perf_counter()
+                if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+                    run_eval()
+                if args.save_interval and step % args.save_interval == 0 and step < args.max_steps:
+                    last_path = save()
+                if signals.signum is not None and step < args.max_steps:
+                    raise stopped(signals, last_path)
+            run_eval()
+            last_path = save()
         log(f"saved {last_path}")
+    except KeyboardInterrupt:  # a second signal, or Ctrl-C where no handler could be installed
+        raise Interrupted(f"interrupted by {signals.name} during step {step + 1} (abandoned); "
+                          f"{saved_so_far(run_dir, metrics.archive)}", signals.exit_code) from None
     finally:
         bar.close()
         metrics.close()
@@ -452,7 +595,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: train(args), interrupted="interrupted: the last saved checkpoint is intact")
+    return run_cli(lambda: train(args), interrupted="interrupted before the first step: nothing was saved")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,25 @@
-"""Checkpoint helpers: wrapper-prefix clean-up and moving an earlier run's files aside."""
+"""Checkpoint helpers: wrapper-prefix clean-up, moving an earlier run's files aside, the run lock, stale temps."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from tachyon.checkpoint import archive_previous_run, checkpoint_step, clean_state_dict, list_checkpoints
+from tachyon.checkpoint import (
+    LOCK_NAME,
+    RunLock,
+    archive_previous_run,
+    checkpoint_step,
+    clean_state_dict,
+    list_checkpoints,
+    remove_stale_temps,
+)
+from tachyon.errors import TachyonError
 
 
 def test_clean_state_dict_strips_only_wrapper_prefixes() -> None:
@@ -45,3 +58,35 @@ def test_a_resumed_run_moves_only_later_checkpoints_and_copies_the_metrics(tmp_p
     archive = archive_previous_run(tmp_path, after_step=2)
     assert sorted(p.name for p in archive.iterdir()) == ["checkpoint_4.pt", "checkpoint_6.pt", "metrics.jsonl"]
     assert sorted(p.name for p in tmp_path.glob("*.*")) == ["checkpoint_2.pt", "metrics.jsonl"]
+
+
+def test_archives_made_in_the_same_second_never_share_a_folder(tmp_path: Path) -> None:
+    archives = []
+    for run in range(3):
+        _touch(tmp_path, "checkpoint_1.pt", "metrics.jsonl")
+        (tmp_path / "metrics.jsonl").write_text(f"run {run}")
+        archives.append(archive_previous_run(tmp_path))
+    assert len(set(archives)) == 3
+    assert sorted((a / "metrics.jsonl").read_text() for a in archives) == ["run 0", "run 1", "run 2"]
+
+
+def test_the_run_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(tmp_path / LOCK_NAME)!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(TachyonError, match=f"in use by another training run \\(PID {holder.pid}\\)"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path):  # the kernel dropped the dead holder's lock: nothing stale to clean up
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
+def test_stale_temporary_checkpoints_are_removed(tmp_path: Path) -> None:
+    _touch(tmp_path, ".checkpoint_5.pt.tmp-12345", ".checkpoint_6.pt.tmp-99", "checkpoint_4.pt", ".other.tmp-1")
+    assert remove_stale_temps(tmp_path) == (2, len(".checkpoint_5.pt.tmp-12345") + len(".checkpoint_6.pt.tmp-99"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-1", "checkpoint_4.pt"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,105 @@ def test_bad_preset_and_seq_len_fail_before_the_embedded_corpus_is_built(capsys:
     monkeypatch.setattr("tachyon.train.embedded_default", must_not_build)
     expect_error(capsys, ["--seq-len", "100000", "--device", "cpu"], "--seq-len 100000", "max_seq_len")
     expect_error(capsys, ["--preset", "huge", "--device", "cpu"], "unknown preset 'huge'")
+
+
+# ------------------------------------------------------------------------------------------- one run per directory
+
+
+def test_a_second_run_in_a_locked_run_dir_is_refused_naming_the_holder(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    from tachyon.checkpoint import RunLock
+
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "2")) == 0
+    before = {p.name: digest(p) for p in run.iterdir() if p.is_file()}
+    with RunLock(run):  # another trainer holds the directory (flock conflicts across open files, even in-process)
+        expect_error(capsys, base_args(data, run, "--max-steps", "2"), f"{run} is in use by another training run",
+                     f"(PID {os.getpid()})")
+    assert {p.name: digest(p) for p in run.iterdir() if p.is_file()} == before and not (run / "previous").exists()
+    assert main(base_args(data, run, "--max-steps", "2")) == 0  # released: the next run goes ahead
+
+
+# ------------------------------------------------------------------------------------------- numbers
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "-0.001", "--lr must be above 0"),
+    ("--lr", "nan", "--lr must be a finite number"),
+    ("--lr", "inf", "--lr must be a finite number"),
+    ("--min-lr", "-0.0001", "--min-lr must be 0 or more"),
+    ("--min-lr", "1", "is above --lr"),
+    ("--warmup", "-5", "--warmup must be at least 0"),
+    ("--save-interval", "-1", "--save-interval must be at least 0"),
+    ("--eval-interval", "-1", "--eval-interval must be at least 0"),
+    ("--keep-last", "-2", "--keep-last must be at least 0"),
+    ("--grad-clip", "-1", "--grad-clip must be 0 or more"),
+    ("--grad-clip", "nan", "--grad-clip must be a finite number"),
+    ("--weight-decay", "-0.1", "--weight-decay must be 0 or more"),
+    ("--val-shards", "-1", "--val-shards must be at least 0"),
+    ("--num-workers", "-3", "--num-workers must be at least 0"),
+    ("--val-fraction", "nan", "--val-fraction must be a finite number"),
+    ("--seed", "-1", "--seed must be at least 0"),
+])
+def test_every_numeric_option_is_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         option: str, value: str, message: str) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    expect_error(capsys, base_args(data, run, "--max-steps", "2", option, value), message)
+    assert not run.exists()
+
+
+def test_an_update_that_makes_parameters_non_finite_stops_the_run_and_is_never_saved(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    step, calls = torch.optim.AdamW.step, []
+
+    def overflowing_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the second update overflows one weight, as --lr 1e30 would
+            self.param_groups[0]["params"][0].data[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    argv = base_args(data, run, "--max-steps", "2", "--save-interval", "1")
+    expect_error(capsys, argv, "diverged", "non-finite by step 2", f"last good checkpoint {run / 'checkpoint_1.pt'}")
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_1.pt"]
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(run / "checkpoint_1.pt")["model"].values())
+
+
+# ------------------------------------------------------------------------------------------- I/O failures
+
+
+def test_an_unwritable_run_dir_is_found_before_training(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("data was read for a run that cannot save")
+
+    monkeypatch.setattr("tachyon.train.BatchLoader", must_not_load)
+    data = make_shards(tmp_path / "data")
+    (tmp_path / "file").write_text("not a folder")
+    expect_error(capsys, base_args(data, tmp_path / "file" / "run"), f"run directory {tmp_path / 'file' / 'run'} "
+                 "is not writable", "--save-dir")
+
+
+def test_a_full_disk_at_save_is_one_line_and_keeps_the_last_good_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tachyon.checkpoint
+
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    save, calls = tachyon.checkpoint.torch.save, []
+
+    def disk_fills_up(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"PK\x03\x04 partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(tachyon.checkpoint.torch, "save", disk_fills_up)
+    expect_error(capsys, base_args(data, run, "--max-steps", "3", "--save-interval", "1"),
+                 f"could not write checkpoint {run / 'checkpoint_2.pt'}", "unexpected pos", "GB free in",
+                 f"the last good checkpoint {run / 'checkpoint_1.pt'} is kept")
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))) == \
+        ["checkpoint_1.pt"]
+    assert load_checkpoint(run / "checkpoint_1.pt")["step"] == 1
