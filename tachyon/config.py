@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from .errors import TachyonError
 
+INIT_STD = 0.02  # std of the normal init of every weight matrix (the original's value everywhere)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -45,6 +47,16 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def residual_init_std(self) -> float:
+        """Init std of the matrices that write into the residual stream (attention and expert outputs).
+
+        INIT_STD / sqrt(2 n_layers), as in GPT-2: the 2 n_layers branches (attention and MoE in
+        every block) add up in the residual stream, so their sum starts with about the variance
+        of one branch at INIT_STD. The original Tachyon 2 used INIT_STD for these too.
+        """
+        return INIT_STD / (2 * self.n_layers) ** 0.5
 
     def replace(self, **changes: object) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
@@ -97,39 +109,50 @@ def get_preset(name: str) -> ModelConfig:
         ) from None
 
 
-def _attention_params(c: ModelConfig) -> int:
+def _attention_matmul_params(c: ModelConfig) -> int:
     q_and_o = 2 * c.d_model * c.n_heads * c.head_dim
     k_and_v = 2 * c.d_model * c.n_kv_heads * c.head_dim
-    return q_and_o + k_and_v + 2 * c.head_dim  # + QK-norm weights
+    return q_and_o + k_and_v
 
 
-def _layer_params(c: ModelConfig, experts_used: int) -> int:
+def _layer_matmul_params(c: ModelConfig, experts_used: int) -> int:
+    """One block's weight matrices when `experts_used` routed experts count: attention, experts, router."""
     routed = experts_used * 3 * c.d_model * c.d_ff
     shared = c.n_shared_experts * 3 * c.d_model * c.d_shared_ff
     router = c.d_model * c.n_routed_experts
-    norms = 2 * c.d_model
-    return _attention_params(c) + routed + shared + router + norms
+    return _attention_matmul_params(c) + routed + shared + router
+
+
+def _layer_norm_params(c: ModelConfig) -> int:
+    """One block's norm scales: the attention and FFN RMSNorms, and QK-norm's two head_dim weights."""
+    return 2 * c.d_model + 2 * c.head_dim
 
 
 def total_params(c: ModelConfig) -> int:
     """Every parameter (the output head is tied to the embedding, so counted once)."""
-    return c.vocab_size * c.d_model + c.n_layers * _layer_params(c, c.n_routed_experts) + c.d_model
+    per_layer = _layer_matmul_params(c, c.n_routed_experts) + _layer_norm_params(c)
+    return c.vocab_size * c.d_model + c.n_layers * per_layer + c.d_model
 
 
 def active_params(c: ModelConfig) -> int:
     """Parameters one token touches: all but the routed experts it was not sent to."""
-    return c.vocab_size * c.d_model + c.n_layers * _layer_params(c, c.top_k) + c.d_model
+    per_layer = _layer_matmul_params(c, c.top_k) + _layer_norm_params(c)
+    return c.vocab_size * c.d_model + c.n_layers * per_layer + c.d_model
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token.
+    """Training FLOPs (forward + backward) per token, matmuls only.
 
-    6 x (active non-embedding params + the tied LM head's vocab x d_model matmul), which is
-    6 x active_params since the head shares the embedding's weights, plus attention scores and
-    values: 6 x n_layers x seq_len x d_attn (causal, so half of the dense 12 L T d_attn).
+    6 x the weight-matrix entries one token meets (2 per multiply-add in the forward, 4 in the
+    backward for the input and weight gradients): attention projections, router, shared expert,
+    top_k routed experts, and the tied LM head's vocab x d_model (the embedding lookup itself is
+    free). Norm scales are left out: they do no matmul. Plus attention scores and values:
+    6 x n_layers x seq_len x d_attn, half of the dense 12 L T d_attn since a causal query sees
+    on average half the keys (the convention FlashAttention's benchmarks use).
     """
     d_attn = c.n_heads * c.head_dim
-    return 6 * active_params(c) + 6 * c.n_layers * seq_len * d_attn
+    matmul_weights = c.vocab_size * c.d_model + c.n_layers * _layer_matmul_params(c, c.top_k)
+    return 6 * matmul_weights + 6 * c.n_layers * seq_len * d_attn
 
 
 def preset_table() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -12,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-from .config import ModelConfig
+from .config import INIT_STD, ModelConfig
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
 from .moe import MoE, RouterStats
 
@@ -38,8 +37,15 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.moe = MoE(config)
+        self.moe = MoE(config)  # initialises its own weights (MoE.reset_parameters)
         self.dropout = nn.Dropout(config.dropout)
+        self._init_attention(config.residual_init_std)
+
+    def _init_attention(self, residual_std: float) -> None:
+        """Normal init of attention's projections: INIT_STD for qkv, residual_std for the output
+        projection (it writes into the residual stream). QK-norm and RMSNorm scales stay ones."""
+        nn.init.normal_(self.attn.qkv.weight, std=INIT_STD)
+        nn.init.normal_(self.attn.proj.weight, std=residual_std)
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None = None,
                 mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
@@ -60,15 +66,7 @@ class TachyonLM(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "shared.w2.weight", "moe.w2")):  # residual-stream outputs
-                nn.init.normal_(p, std=residual_std)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.embed.weight, std=INIT_STD)  # also the tied output head
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, mask: torch.Tensor | None = None,

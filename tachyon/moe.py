@@ -11,7 +11,7 @@ from torch import nn
 import kernels
 from kernels import SwiGLU
 
-from .config import ModelConfig
+from .config import INIT_STD, ModelConfig
 
 
 class RouterStats(NamedTuple):
@@ -45,10 +45,20 @@ class MoE(nn.Module):
         E, d, f = config.n_routed_experts, config.d_model, config.d_ff
         self.top_k = config.top_k
         self.z_coef, self.balance_coef = config.z_loss_coef, config.balance_loss_coef
+        self.residual_std = config.residual_init_std
         self.router = nn.Linear(d, E, bias=False)
         self.w13 = nn.Parameter(torch.empty(E, d, 2 * f))  # gate in [..., :f], up in [..., f:]
-        self.w2 = nn.Parameter(torch.empty(E, f, d))  # initialised by TachyonLM._init_weights
+        self.w2 = nn.Parameter(torch.empty(E, f, d))
         self.shared = SwiGLU(d, config.n_shared_experts * config.d_shared_ff)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal init: INIT_STD for the router and the experts' input matrices (w13), the
+        residual std for their output matrices (w2), which write into the residual stream."""
+        for weight in (self.router.weight, self.w13, self.shared.w13.weight):
+            nn.init.normal_(weight, std=INIT_STD)
+        for weight in (self.w2, self.shared.w2.weight):
+            nn.init.normal_(weight, std=self.residual_std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         """x (B, T, d) -> (B, T, d) and the router's losses and expert fractions."""
