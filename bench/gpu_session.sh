@@ -1,14 +1,35 @@
 #!/usr/bin/env bash
-# The GPU checks of one device session, prepared in advance (the device tool runs it from the repo
-# root; the device image already holds torch, triton, pytest, pytest-benchmark and the rest).
+# bench/gpu_session.sh: the checks that need a CUDA GPU, run in one go and time-limited, with every log
+# and result gathered into one tarball. Everything else (correctness on the CPU, the kernel audit
+# `python -m bench.audit`) runs without a GPU; this script is where real speed gets measured.
 #
-#   bash bench/gpu_session.sh [stage ...]   stages: info tests throughput bench profile report (default: all)
+# Needs: a Linux machine with an NVIDIA GPU, and this repository installed with its test extras
+# (`pip install -e ".[dev]"`: torch with CUDA, triton, pytest, pytest-benchmark). Run it from anywhere:
 #
-# Each stage has its own time limit, clipped to what is left of a session deadline (DEADLINE_S,
-# default 540 s, under the device tool's 600 s per call), so a slow stage cannot eat the session
-# and `report` always runs. Everything a stage prints goes to logs/, every result JSON to
-# bench/results/, and both come back as one tarball in $OUT.
-# Liger-Kernel, when wanted as a peer, travels as wheels in .whl/ (see the device README).
+#   bash bench/gpu_session.sh                     all stages, in this order: info tests throughput bench profile report
+#   bash bench/gpu_session.sh throughput report   just some stages
+#   DEADLINE_S=1800 bash bench/gpu_session.sh     a longer session (the default 540 s cuts the later stages short)
+#
+# Stages (and their own time limits):
+#   info        nvidia-smi, torch / CUDA / triton versions, the device name (60 s)
+#   tests       pytest -m gpu tests: bf16 at real sizes, torch.compile(fullgraph=True) on the GPU (300 s)
+#   throughput  python -m bench.throughput: tiny with Triton and reference kernels (300 s), small with Triton (200 s)
+#   bench       pytest bench/ --benchmark-only: the kernel micro-benchmarks at LLM shapes (420 s)
+#   profile     bench.throughput --profile: a step-time breakdown of tiny on Triton kernels (240 s)
+#   report      python -m bench.report --readme README.md: the README's performance section from the results (60 s)
+# Each stage's limit is clipped to what is left of the whole session's deadline (DEADLINE_S seconds
+# from the start, default 540: 9 minutes), keeping 20 s for the report and the tarball, so a slow
+# stage cannot eat the session: a stage with under 10 s left is skipped, and `report` always runs.
+#
+# Where results go: each stage's full output to logs/<stage>.log (its last 40 lines are echoed),
+# one line per stage (limit, exit status, seconds) to logs/session.log, result JSON files to
+# bench/results/ (written by bench.throughput and the benchmarks), and logs/, bench/results/ and
+# the rewritten README.md together to $OUT/gpu-session.tgz ($OUT defaults to gpu-out/ in the repository). To keep
+# the results, unpack the tarball elsewhere, copy its bench/results/ files into the repository and
+# run `python -m bench.report --readme README.md` there.
+#
+# Optional: Python wheels in .whl/ (e.g. Liger-Kernel, which bench_elementwise.py times as a peer
+# when it imports) are installed offline into /tmp/site first; without them those cases are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

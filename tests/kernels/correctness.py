@@ -1,4 +1,4 @@
-"""The DESIGN.md correctness rule, shared by every kernel test.
+"""The correctness rule of docs/design.md ("Numerics and the correctness rule"), shared by every kernel test.
 
 A fused op is correct when, against a float64 ground truth (the reference run in float64 on
 the same input values), its max error is at most twice the reference's own error at the same
