@@ -90,7 +90,7 @@ def test_grouped_gemm(benchmark, record, device: str, on_gpu: bool, case, which:
     dense_b = b[0].contiguous()
     flops = 2.0 * rows * k_dim * n_dim
     timer = _timer(on_gpu, device)
-    triton_fn = lambda: moe_mod.grouped_mm(a, b, order, offsets, TOP_K, gather=False)
+    triton_fn = lambda: moe_mod.down(a, b, order, offsets)  # the plain (no-epilogue) grouped GEMM
     label = f"{name},T={tokens},E={experts},K={k_dim},N={n_dim},{'skewed' if skewed else 'balanced'}"
     results = {"triton": timer(triton_fn), "dense_matmul": timer(lambda: a @ dense_b)}
     if hasattr(torch, "_grouped_mm") and on_gpu:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import INTERPRET
-from .swiglu import swiglu_reference
+from .swiglu import silu_mul, silu_mul_grad, swiglu_reference
 
 
 def moe_experts_reference(
@@ -75,46 +75,89 @@ def check_moe_inputs(
 # --------------------------------------------------------------------------------------------
 
 
-def _tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+# The grouped GEMM's epilogues (its EPILOGUE constexpr).
+PLAIN = tl.constexpr(0)  # C = A @ B
+SWIGLU = tl.constexpr(1)  # H = A @ B as gate|up halves, C = silu(gate) * up
+DSWIGLU = tl.constexpr(2)  # C = dSwiGLU(A @ B, H) as dgate|dup, and silu(gate) * up recomputed from H
+
+# 16-bit tiles per GEMM role, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): Hopper-sized, K steps
+# of 64, 3-4 stages. Each list holds only tiles whose epilogue fits the registers on sm_90 without
+# spilling (`python -m bench.audit` checks it): gate_up keeps two accumulators (gate and up), and
+# down_dgrad reads h and writes dgate, dup and the activation, so both stop at 128 x 128.
+_ROLE_TILES: dict[str, list[tuple[int, int, int, int, int]]] = {
+    "gate_up": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4),
+                (64, 128, 64, 8, 4)],
+    "down": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4),
+             (128, 64, 64, 8, 4), (64, 128, 64, 8, 4)],
+    "down_dgrad": [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 4),
+                   (64, 128, 64, 8, 4)],
+    "gate_up_dgrad": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4),
+                      (128, 64, 64, 8, 4), (64, 128, 64, 8, 4)],
+    "w13_grad": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4),
+                 (128, 64, 64, 8, 4), (64, 128, 64, 8, 4)],
+    "w2_grad": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4),
+                (128, 64, 64, 8, 4), (64, 128, 64, 8, 4)],
+}
+# Tiles that spill registers on Ampere (sm_80), where the accumulators live in the register file
+# with no wgmma to feed from shared memory: tuned over only from Hopper (sm_90) on.
+_HOPPER_ONLY: dict[str, set[tuple[int, int, int, int, int]]] = {
+    "gate_up": {(128, 128, 64, 8, 3), (128, 64, 64, 4, 4)},
+    "down": {(128, 128, 64, 4, 4), (64, 256, 64, 4, 4)},
+    "gate_up_dgrad": {(128, 128, 64, 4, 4), (64, 256, 64, 4, 4)},
+}
+# The GPU generation pruning assumes when the operands are not on a CUDA device (bench.audit sets it).
+NO_GPU_CAPABILITY = (9, 0)
+# fp32 tiles take twice the shared memory of 16-bit ones and go through FMA, not tensor cores;
+# gate_up's two fp32 accumulators need 8 warps' registers (4 warps spill on sm_80).
+_FP32_TILES = [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3)]
+_FP32_ROLE_TILES = {"gate_up": [(64, 64, 32, 8, 2), (64, 64, 32, 8, 3)]}
+# The interpreter times nothing and runs programs one by one: one small tile.
+_INTERPRETER_TILE = (32, 32, 32, 4, 1)
+_WIDEST_TILE_N = 256  # the widest BLOCK_N any weight-gradient config uses: sizes the reduction split
 
 
-# fp32 tiles take twice the shared memory of 16-bit ones and go through FMA, not tensor cores:
-# the 16-bit configs would exceed shared memory or spill, so fp32 operands get these instead.
-_FP32_CONFIGS = _tile_configs([(64, 64, 32, 4, 2), (64, 64, 32, 4, 3)])
+def _config(tile: tuple[int, int, int, int, int], kind: str, min_capability: tuple[int, int] = (8, 0)
+            ) -> triton.Config:
+    bm, bn, bk, warps, stages = tile
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                           num_stages=stages)
+    config.kind = kind  # "16-bit", "fp32" or "interpreter": which operands the config is for
+    config.min_capability = min_capability  # the oldest GPU generation it suits
+    return config
 
 
-def _configs(two_accumulators: bool) -> list[triton.Config]:
-    """Autotune candidates for the grouped GEMMs: 16-bit ones, then _FP32_CONFIGS (one small config
-    under the interpreter). _keep_dtype_configs prunes them to those for the operands' dtype.
+def role_configs(role: str) -> list[triton.Config]:
+    """Every autotune candidate of a GEMM role, built the same with or without a GPU:
+    the role's 16-bit tiles, the fp32 tiles, and the interpreter's one tile."""
+    hopper_only = _HOPPER_ONLY.get(role, set())
+    return ([_config(t, "16-bit", (9, 0) if t in hopper_only else (8, 0)) for t in _ROLE_TILES[role]]
+            + [_config(t, "fp32") for t in _FP32_ROLE_TILES.get(role, _FP32_TILES)]
+            + [_config(_INTERPRETER_TILE, "interpreter")])
 
-    Hopper bf16: 64-256-wide tiles, K steps of 64, 3-4 pipeline stages. The fused-SwiGLU GEMM
-    holds two accumulators (gate and up), so its tiles stop at 128 x 128.
-    """
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-    if not two_accumulators:
-        shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4)]
-    shapes += [(128, 64, 64, 8, 4), (64, 128, 64, 8, 4)]
-    return _tile_configs(shapes) + _FP32_CONFIGS
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else NO_GPU_CAPABILITY
 
 
 def _keep_dtype_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
-    """Autotune pruning: _FP32_CONFIGS for fp32 operands (A's dtype), the 16-bit configs otherwise.
+    """Autotune pruning: the interpreter's tile under the interpreter; on a GPU the fp32 tiles for
+    fp32 operands (A's dtype) and otherwise the 16-bit tiles that suit the GPU's generation.
 
     The autotuner's cache key holds every tensor argument's dtype, so the two never share a choice.
     """
-    fp32 = named_args["a_ptr"].dtype == torch.float32
-    return [c for c in configs if (c in _FP32_CONFIGS) == fp32]
+    a = named_args["a_ptr"]
+    if INTERPRET:
+        kind = "interpreter"
+    else:
+        kind = "fp32" if a.dtype == torch.float32 else "16-bit"
+    capability = _capability(a.device)
+    return [c for c in configs if c.kind == kind and c.min_capability <= capability]
 
 
-def _autotune(two_accumulators: bool, key: list[str]):
-    """triton.autotune over _configs(two_accumulators), pruned by the operands' dtype."""
-    return triton.autotune(configs=_configs(two_accumulators), key=key,
-                           prune_configs_by={"early_config_prune": _keep_dtype_configs})
+def _autotune(kernel, role: str, key: list[str]):
+    """kernel under triton.autotune over role_configs(role), pruned by the operands' dtype."""
+    return triton.autotune(configs=role_configs(role), key=key,
+                           prune_configs_by={"early_config_prune": _keep_dtype_configs})(kernel)
 
 
 @triton.jit
@@ -124,6 +167,16 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _swizzle(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of linear tile index `tile`, GROUP_M row tiles at a time, so that
+    programs running together share B's column tiles in L2 (the Triton matmul tutorial's order)."""
+    group = GROUP_M * num_pid_n
+    first_m = (tile // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % group) % group_m, (tile % group) // group_m
 
 
 @triton.jit
@@ -182,24 +235,26 @@ def _moe_scatter_kernel(
 def _grouped_mm_kernel(
     a_ptr,  # (rows, K) left operand; sorted row s reads row order[s] // TOP_K when GATHER_A, else row s
     b_ptr,  # (E, K, *) right operand per expert, read through strides (a transposed view works)
-    c_ptr,  # out, contiguous, sorted order: (S, N) for ACT 0 and 1, (S, 2N) gate|up grads for ACT 2
-    h_ptr,  # (S, 2N) pre-activations gate|up: written by ACT 1, read by ACT 2, unused by ACT 0
-    act_ptr,  # (S, N) out for ACT 2: silu(gate) * up recomputed from h, bitwise ACT 1's C; unused otherwise
+    c_ptr,  # out, contiguous, sorted order: (S, N) for PLAIN and SWIGLU, (S, 2N) dgate|dup for DSWIGLU
+    h_ptr,  # (S, 2N) pre-activations gate|up: written by SWIGLU, read by DSWIGLU, unused by PLAIN
+    act_ptr,  # (S, N) out for DSWIGLU: silu(gate) * up recomputed from h, bitwise SWIGLU's C; unused otherwise
     order_ptr,  # (S,) int32 assignment index at each sorted position
     offsets_ptr,  # (E + 1,) int32 first sorted position of each expert, then S
     num_rows,  # S = T * k
-    N,  # output columns (per half for ACT 1 and 2: B holds gate columns [0, N) and up columns [N, 2N))
+    N,  # output columns (per half for SWIGLU and DSWIGLU: B holds gate columns [0, N) and up columns [N, 2N))
     K,  # reduction length
     num_experts,  # E
-    TOP_K,  # k: turns an assignment index into its token row
     stride_am,  # a stride between rows
     stride_ak,  # a stride between columns
     stride_be,  # b stride between experts
     stride_bk,  # b stride along the reduction
     stride_bn,  # b stride along the output columns
-    ACT: tl.constexpr,  # 0: C = A@B; 1: H = A@B (gate|up), C = silu(gate) * up; 2: C = dSwiGLU(A@B, H), act
+    TOP_K: tl.constexpr,  # k: turns an assignment index into its token row (a shift for k = 2)
+    EPILOGUE: tl.constexpr,  # PLAIN, SWIGLU or DSWIGLU
     GATHER_A: tl.constexpr,  # read A's rows through order (token rows of x) instead of sorted rows
     E_PAD: tl.constexpr,  # next power of two >= E
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no reduction mask in the main loop
+    INDEX_64: tl.constexpr,  # an operand has 2^31 elements or more: 64-bit tile offsets
     UPCAST: tl.constexpr,  # widen tiles to fp32 before the dot (bf16 under the interpreter)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), "tf32" otherwise (no effect on 16-bit)
     BLOCK_M: tl.constexpr,  # sorted rows per tile; tiles never straddle two experts
@@ -209,21 +264,17 @@ def _grouped_mm_kernel(
 ):
     """Grouped GEMM over expert-sorted rows, with optional fused SwiGLU (fwd) or its gradient (bwd).
 
-    Both epilogues compute silu(gate) * up in fp32 from h as stored (rounded to its dtype), so the
-    activation the backward recomputes for dW2 is bitwise the one the forward fed the down GEMM.
+    Both SwiGLU epilogues compute silu(gate) * up in fp32 from h as stored (rounded to its dtype), so
+    the activation the backward recomputes for dW2 is bitwise the one the forward fed the down GEMM.
 
     The grid is an upper bound, cdiv(S, BLOCK_M) + E row tiles times the column tiles: the tile
     table (each expert's tile count, prefix-summed) is rebuilt here from `offsets`, so the host
-    never learns the counts, and programs past the last real tile exit at once.
+    never learns the counts, and programs past the last real tile exit at once. The main loop moves
+    two scalar base pointers over fixed (32-bit unless INDEX_64) tile offsets, unmasked on K when
+    EVEN_K.
     """
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     experts = tl.arange(0, E_PAD)
     e_ok = experts < num_experts
@@ -244,45 +295,51 @@ def _grouped_mm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + src[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    if INDEX_64:
+        src = src.to(tl.int64)
+    a_offs = src[:, None] * stride_am + ks[None, :] * stride_ak
+    b_offs = ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # only ACT 1 uses it
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # only SWIGLU uses it
     for k0 in range(0, K, BLOCK_K):
-        k_ok = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b_mask = k_ok[:, None] & col_ok[None, :]
-        acc = _dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, UPCAST, DOT_PRECISION)
-        if ACT == 1:
-            acc_up = _dot(a, tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0), acc_up, UPCAST, DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        if EVEN_K:
+            a_mask = row_ok[:, None]
+            b_mask = col_ok[None, :]
+        else:
+            k_ok = ks < K - k0
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & col_ok[None, :]
+        a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
+        acc = _dot(a, tl.load(b_base + b_offs, mask=b_mask, other=0.0), acc, UPCAST, DOT_PRECISION)
+        if EPILOGUE == SWIGLU:
+            b_up = tl.load(b_base + N * stride_bn + b_offs, mask=b_mask, other=0.0)
+            acc_up = _dot(a, b_up, acc_up, UPCAST, DOT_PRECISION)
+        a_ptr += BLOCK_K * stride_ak
+        b_base += BLOCK_K * stride_bk
 
     mask = row_ok[:, None] & col_ok[None, :]
     out_rows = rows[:, None].to(tl.int64)
-    if ACT == 0:
+    if EPILOGUE == PLAIN:
         tl.store(c_ptr + out_rows * N + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
-    elif ACT == 1:
+    elif EPILOGUE == SWIGLU:
         h_ptrs = h_ptr + out_rows * (2 * N) + cols[None, :]
         gate = acc.to(h_ptr.dtype.element_ty)
         up = acc_up.to(h_ptr.dtype.element_ty)
         tl.store(h_ptrs, gate, mask=mask)
         tl.store(h_ptrs + N, up, mask=mask)
-        gate = gate.to(tl.float32)  # from the stored h, as ACT 2 recomputes it
-        act = gate * tl.sigmoid(gate) * up.to(tl.float32)
+        act = silu_mul(gate.to(tl.float32), up.to(tl.float32))  # from h as stored, as DSWIGLU recomputes it
         tl.store(c_ptr + out_rows * N + cols[None, :], act.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         h_ptrs = h_ptr + out_rows * (2 * N) + cols[None, :]
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        dgate = acc * up * sig * (1.0 + gate * (1.0 - sig))
-        dup = acc * gate * sig
+        dgate, dup = silu_mul_grad(gate, up, acc)
         c_ptrs = c_ptr + out_rows * (2 * N) + cols[None, :]
         tl.store(c_ptrs, dgate.to(c_ptr.dtype.element_ty), mask=mask)
         tl.store(c_ptrs + N, dup.to(c_ptr.dtype.element_ty), mask=mask)
-        act = gate * sig * up  # ACT 1's expression on the same h: the forward's activation, not saved
+        act = silu_mul(gate, up)  # SWIGLU's expression on the same h: the forward's activation, not saved
         tl.store(act_ptr + out_rows * N + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
@@ -290,14 +347,15 @@ def _grouped_mm_kernel(
 def _grouped_wgrad_kernel(
     a_ptr,  # (rows, M) left operand, used transposed; sorted row s reads row order[s] // TOP_K when GATHER_A
     b_ptr,  # (S, N) right operand in sorted order, contiguous
-    c_ptr,  # (E, M, N) out, contiguous: C[e] = A_e^T @ B_e over expert e's sorted rows (zero if none)
+    c_ptr,  # (E, num_splits, M, N) out, contiguous: split j of C[e] = A_e^T @ B_e (zero if no rows)
     order_ptr,  # (S,) int32 assignment index at each sorted position
     offsets_ptr,  # (E + 1,) int32 first sorted position of each expert, then S
     M,  # output rows (the weight's input dim)
     N,  # output columns (the weight's output dim)
-    TOP_K,  # k: turns an assignment index into its token row
+    num_splits,  # parts each expert's rows are split into (partial sums, added up afterwards)
     stride_am,  # a stride between rows
     stride_ak,  # a stride between columns
+    TOP_K: tl.constexpr,  # k: turns an assignment index into its token row (a shift for k = 2)
     GATHER_A: tl.constexpr,  # read A's rows through order (token rows of x) instead of sorted rows
     UPCAST: tl.constexpr,  # widen tiles to fp32 before the dot (bf16 under the interpreter)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" otherwise
@@ -306,17 +364,15 @@ def _grouped_wgrad_kernel(
     BLOCK_K: tl.constexpr,  # sorted rows (tokens) per reduction step
     GROUP_M: tl.constexpr,  # row tiles per swizzle group
 ):
-    """Per-expert weight gradient, a reduction over that expert's tokens; no atomics, deterministic."""
+    """Per-expert weight gradient, a reduction over that expert's tokens, optionally split over them
+    into num_splits partial sums (more programs when there are few tiles); no atomics, deterministic."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    expert = pid // (num_pid_m * num_pid_n)
-    local = pid % (num_pid_m * num_pid_n)
-    group = GROUP_M * num_pid_n
-    first_m = (local // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (local % group) % group_m
-    pid_n = (local % group) // group_m
+    part = pid // (num_pid_m * num_pid_n)  # expert * num_splits + split
+    pid_m, pid_n = _swizzle(pid % (num_pid_m * num_pid_n), num_pid_m, num_pid_n, GROUP_M)
+    expert = part // num_splits
+    split = part % num_splits
 
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -324,10 +380,13 @@ def _grouped_wgrad_kernel(
     n_ok = ns < N
     lo = tl.load(offsets_ptr + expert)
     hi = tl.load(offsets_ptr + expert + 1)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_K) * BLOCK_K
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, hi)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s0 in range(lo, hi, BLOCK_K):
+    for s0 in range(start, end, BLOCK_K):
         s = s0 + tl.arange(0, BLOCK_K)
-        s_ok = s < hi
+        s_ok = s < end
         if GATHER_A:
             src = tl.load(order_ptr + s, mask=s_ok, other=0) // TOP_K
         else:
@@ -336,7 +395,7 @@ def _grouped_wgrad_kernel(
                     mask=m_ok[:, None] & s_ok[None, :], other=0.0)
         b = tl.load(b_ptr + s[:, None].to(tl.int64) * N + ns[None, :], mask=s_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, UPCAST, DOT_PRECISION)
-    c_ptrs = c_ptr + expert.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
+    c_ptrs = c_ptr + part.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -394,9 +453,12 @@ def _moe_combine_bwd_kernel(
     tl.store(dweights_ptr + assign, tl.sum(dot, axis=0).to(dweights_ptr.dtype.element_ty))
 
 
-_mm_plain = _autotune(False, key=["N", "K", "ACT", "GATHER_A"])(_grouped_mm_kernel)
-_mm_swiglu = _autotune(True, key=["N", "K", "ACT", "GATHER_A"])(_grouped_mm_kernel)
-_wgrad = _autotune(False, key=["M", "N", "GATHER_A"])(_grouped_wgrad_kernel)
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_grouped_mm_kernel)
+# One autotuner per GEMM role, each over its own tiles (see _ROLE_TILES).
+_TUNED_MM = {role: _autotune(_even_k, role, key=["N", "K"])
+             for role in ("gate_up", "down", "down_dgrad", "gate_up_dgrad")}
+_TUNED_WGRAD = {role: _autotune(_grouped_wgrad_kernel, role, key=["M", "N", "num_splits"])
+                for role in ("w13_grad", "w2_grad")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +481,7 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     """
     num_assign = ids.numel()
     e_pad = triton.next_power_of_2(num_experts)
-    block_a = max(16, min(1024, 8192 // e_pad))
+    block_a = max(16, min(256, 2048 // e_pad))  # 256 for E <= 8: 128 programs for 32K assignments
     num_blocks = triton.cdiv(num_assign, block_a)
     hist = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=ids.device)
     _moe_hist_kernel[(num_blocks,)](ids, hist, num_assign, num_experts, BLOCK_A=block_a, E_PAD=e_pad)
@@ -432,47 +494,102 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return order, pos, offsets
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,
-               gather: bool, act: int = 0, h: torch.Tensor | None = None, transpose_b: bool = False,
-               act_out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[s] = a[row(s)] @ b[expert(s)] for sorted rows s (row(s) = order[s] // top_k when `gather`).
+def _needs_64bit_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset into one of `tensors` may not fit in int32."""
+    return any(t.numel() >= 2**31 for t in tensors)
 
-    b is (E, K, N), or (E, N, K) used transposed when `transpose_b`. act 1 treats b's columns as
-    gate|up halves and returns silu(gate) * up, writing the pre-activations into h (S, 2 * N/2);
-    act 2 returns dSwiGLU of the product given the saved h, as (S, 2N), and writes silu(gate) * up
-    recomputed from h (bitwise act 1's output) into act_out (S, N), which it requires.
-    """
-    if act == 2 and act_out is None:
-        raise ValueError("grouped_mm: act=2 needs act_out, the (S, N) buffer for the recomputed activation")
+
+def _grouped_mm(role: str, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                top_k: int, epilogue: tl.constexpr, gather: bool, transpose_b: bool, h: torch.Tensor | None = None,
+                act_out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[s] = epilogue(a[row(s)] @ b[expert(s)]) for sorted rows s (row(s) = order[s] // top_k when
+    `gather`); b is (E, K, N), or (E, N, K) read transposed. See the role launchers below."""
+    epilogue = epilogue.value
     num_rows = order.numel()
     num_experts = b.shape[0]
     stride_be, stride_bk, stride_bn = b.stride(0), b.stride(1), b.stride(2)
     K, N = b.shape[1], b.shape[2]
     if transpose_b:
         stride_bk, stride_bn, K, N = stride_bn, stride_bk, N, K
-    if act == 1:
+    if epilogue == SWIGLU:
         N //= 2
-    out = torch.empty(num_rows, 2 * N if act == 2 else N, dtype=a.dtype, device=a.device)
-    kernel = _mm_swiglu if act == 1 else _mm_plain
+    out = torch.empty(num_rows, 2 * N if epilogue == DSWIGLU else N, dtype=a.dtype, device=a.device)
     grid = lambda meta: ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel[grid](
+    _TUNED_MM[role][grid](
         a, b, out, out if h is None else h, out if act_out is None else act_out,
-        order, offsets, num_rows, N, K, num_experts, top_k,
+        order, offsets, num_rows, N, K, num_experts,
         a.stride(0), a.stride(1), stride_be, stride_bk, stride_bn,
-        ACT=act, GATHER_A=gather, E_PAD=triton.next_power_of_2(num_experts), **_dot_flags(a.dtype),
+        TOP_K=top_k, EPILOGUE=epilogue, GATHER_A=gather, E_PAD=triton.next_power_of_2(num_experts),
+        INDEX_64=_needs_64bit_offsets(a, b, out), **_dot_flags(a.dtype),
     )
     return out
 
 
-def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,
-                  gather: bool, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
-    """(E, M, N) in `dtype`: per expert, a[row(s)]^T @ b[s] summed over that expert's sorted rows s."""
+def gate_up(x: torch.Tensor, w13: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,
+            h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (S, d_ff) of each sorted row's token x[order[s] // k] @ w13[e] (E, d, 2 d_ff),
+    writing the pre-activations gate|up into h (S, 2 d_ff)."""
+    return _grouped_mm("gate_up", x, w13, order, offsets, top_k, SWIGLU, gather=True, transpose_b=False, h=h)
+
+
+def down(act: torch.Tensor, w2: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y[s] = act[s] @ w2[expert(s)] (S, d) for sorted rows act (S, d_ff) and w2 (E, d_ff, d)."""
+    return _grouped_mm("down", act, w2, order, offsets, 1, PLAIN, gather=False, transpose_b=False)
+
+
+def down_dgrad(dy: torch.Tensor, w2: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, h: torch.Tensor,
+               act_out: torch.Tensor) -> torch.Tensor:
+    """dgate|dup (S, 2 d_ff): dSwiGLU of dy @ w2[e]^T given the saved h; writes silu(gate) * up,
+    recomputed from h (bitwise gate_up's output), into act_out (S, d_ff) for the w2 gradient."""
+    return _grouped_mm("down_dgrad", dy, w2, order, offsets, 1, DSWIGLU, gather=False, transpose_b=True, h=h,
+                       act_out=act_out)
+
+
+def gate_up_dgrad(dh: torch.Tensor, w13: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dx in sorted order (S, d): dh[s] (2 d_ff) @ w13[expert(s)]^T."""
+    return _grouped_mm("gate_up_dgrad", dh, w13, order, offsets, 1, PLAIN, gather=False, transpose_b=True)
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device; an H100's 132 where there is no GPU (the audit's target)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def wgrad_splits(num_experts: int, M: int, N: int, device: torch.device) -> int:
+    """How many parts the weight gradient splits each expert's tokens into: enough for about two
+    waves of programs when even the widest tiles leave fewer, at most 8; 1 under the interpreter."""
+    if INTERPRET:
+        return 1
+    tiles = num_experts * triton.cdiv(M, 128) * triton.cdiv(N, _WIDEST_TILE_N)
+    waves = 2 * _num_sms(device)
+    return 1 if tiles >= waves else min(8, triton.cdiv(waves, tiles))
+
+
+def _grouped_wgrad(role: str, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                   top_k: int, gather: bool, num_experts: int, dtype: torch.dtype, num_splits: int | None) -> torch.Tensor:
+    """(E, M, N) in `dtype`: per expert, a[row(s)]^T @ b[s] summed over that expert's sorted rows s.
+
+    With num_splits > 1 each expert's rows are reduced in that many fp32 partial sums, added in a fixed
+    order afterwards: deterministic, like the single pass (num_splits None picks it by wgrad_splits)."""
     M, N = a.shape[1], b.shape[1]
-    out = torch.empty(num_experts, M, N, dtype=dtype, device=a.device)
-    grid = lambda meta: (num_experts * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _wgrad[grid](a, b, out, order, offsets, M, N, top_k, a.stride(0), a.stride(1),
-                 GATHER_A=gather, **_dot_flags(a.dtype))
-    return out
+    splits = num_splits or wgrad_splits(num_experts, M, N, a.device)
+    out = torch.empty(num_experts, splits, M, N, dtype=dtype if splits == 1 else torch.float32, device=a.device)
+    grid = lambda meta: (num_experts * splits * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _TUNED_WGRAD[role][grid](a, b, out, order, offsets, M, N, splits, a.stride(0), a.stride(1),
+                             TOP_K=top_k, GATHER_A=gather, **_dot_flags(a.dtype))
+    return out[:, 0] if splits == 1 else out.sum(1).to(dtype)
+
+
+def w13_grad(x: torch.Tensor, dh: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,
+             num_experts: int, dtype: torch.dtype, num_splits: int | None = None) -> torch.Tensor:
+    """dW13 (E, d, 2 d_ff) in `dtype`: per expert, the sum of x[token]^T dh[s] over its sorted rows."""
+    return _grouped_wgrad("w13_grad", x, dh, order, offsets, top_k, True, num_experts, dtype, num_splits)
+
+
+def w2_grad(act: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, num_experts: int,
+            dtype: torch.dtype, num_splits: int | None = None) -> torch.Tensor:
+    """dW2 (E, d_ff, d) in `dtype`: per expert, the sum of act[s]^T dy[s] over its sorted rows."""
+    return _grouped_wgrad("w2_grad", act, dy, order, offsets, 1, False, num_experts, dtype, num_splits)
 
 
 def _combine(rows: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None, num_tokens: int,
@@ -506,8 +623,8 @@ def _moe_experts_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     order, pos, offsets = sort_by_expert(ids.to(torch.int32).contiguous().view(-1), num_experts)
     h = torch.empty(order.numel(), w13.shape[2], dtype=x.dtype, device=x.device)
-    act = grouped_mm(x, w13, order, offsets, top_k, gather=True, act=1, h=h)  # gate+up GEMM, SwiGLU epilogue
-    y = grouped_mm(act, w2, order, offsets, top_k, gather=False)  # down GEMM; act is freed on return
+    act = gate_up(x, w13, order, offsets, top_k, h)  # gate+up GEMM, SwiGLU epilogue
+    y = down(act, w2, order, offsets)  # act is freed on return
     out = _combine(y, pos, weights.contiguous().view(-1), num_tokens, top_k)
     return out, h, y, order, pos, offsets
 
@@ -538,11 +655,11 @@ def _moe_experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tens
                                          BLOCK_D=min(1024, triton.next_power_of_2(width)))
     w13c, w2c = w13.to(x.dtype), w2.to(x.dtype)
     act = torch.empty(num_rows, w2.shape[1], dtype=x.dtype, device=x.device)  # silu(gate) * up, filled below
-    dh = grouped_mm(dy, w2c, order, offsets, top_k, gather=False, act=2, h=h, transpose_b=True, act_out=act)
-    dw2 = grouped_wgrad(act, dy, order, offsets, top_k, False, num_experts, w2.dtype)
+    dh = down_dgrad(dy, w2c, order, offsets, h, act)
+    dw2 = w2_grad(act, dy, order, offsets, num_experts, w2.dtype)
     del act, dy  # free (S, d_ff) and (S, d) before the dW13 and dx GEMMs
-    dw13 = grouped_wgrad(x, dh, order, offsets, top_k, True, num_experts, w13.dtype)
-    dx_sorted = grouped_mm(dh, w13c, order, offsets, top_k, gather=False, transpose_b=True)
+    dw13 = w13_grad(x, dh, order, offsets, top_k, num_experts, w13.dtype)
+    dx_sorted = gate_up_dgrad(dh, w13c, order, offsets)
     dx = _combine(dx_sorted, pos, None, num_tokens, top_k)
     return dx, dweights, dw13, dw2
 

@@ -17,6 +17,21 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 # --- Triton kernels ---------------------------------------------------------------------------------
 
+
+@triton.jit
+def silu_mul(gate, up):
+    """silu(gate) * up on fp32 tiles: the SwiGLU forward (also the MoE gate+up GEMM's epilogue)."""
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def silu_mul_grad(gate, up, dout):
+    """(dgate, dup) of silu(gate) * up given its gradient dout, on fp32 tiles; silu is recomputed, not saved."""
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    return dout * up * (sig + silu * (1.0 - sig)), dout * silu
+
+
 # 2-D tiles of 4K-8K elements: wide rows take one long strip, narrow ones several rows.
 _CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
@@ -53,7 +68,7 @@ def _swiglu_fwd_kernel(
     mask = (rows < n_rows) & (cols < n_cols)
     g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
+    y = silu_mul(g, u)
     tl.store(Y + rows * stride_y + cols, cast_out(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -80,10 +95,7 @@ def _swiglu_bwd_kernel(
     dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)  # recomputed: the forward saved only gate and up
-    silu = g * sig
-    dg = dy * u * (sig + silu * (1.0 - sig))
-    du = dy * silu
+    dg, du = silu_mul_grad(g, u, dy)  # the forward saved only gate and up
     tl.store(DG + rows * stride_d + cols, cast_out(dg, DG.dtype.element_ty), mask=mask)
     tl.store(DU + rows * stride_d + cols, cast_out(du, DU.dtype.element_ty), mask=mask)
 

@@ -115,17 +115,69 @@ def test_moe_rejects_bad_shapes(case: str, impl: Callable[..., torch.Tensor]) ->
         impl(*BAD_SHAPES[case](*inputs))
 
 
-def test_moe_autotune_configs_follow_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the GPU the grouped GEMMs tune over 16-bit tiles for bf16/fp16 and small tiles for fp32."""
-    monkeypatch.setattr(moe_mod, "INTERPRET", False)
-    for two_accumulators in (False, True):
-        configs = moe_mod._configs(two_accumulators)
-        fp32 = moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1)})
-        bf16 = moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1, dtype=torch.bfloat16)})
-        assert fp32 == moe_mod._FP32_CONFIGS and all(c.kwargs["BLOCK_K"] == 32 for c in fp32)
-        assert bf16 and not any(c in fp32 for c in bf16) and len(bf16) + len(fp32) == len(configs)
-        tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in bf16}
-        assert {(128, 64, 64, 8), (64, 128, 64, 8)} <= tiles
+ROLES = ("gate_up", "down", "down_dgrad", "gate_up_dgrad", "w13_grad", "w2_grad")
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("interpret", [False, True], ids=["gpu", "interpreter"])
+def test_moe_autotune_configs_follow_dtype(monkeypatch: pytest.MonkeyPatch, role: str, interpret: bool) -> None:
+    """Each GEMM role's configs are built without a GPU too; pruning keeps its 16-bit tiles for bf16/fp16
+    and the fp32 tiles for fp32 on a GPU, and the one small tile under the interpreter."""
+    monkeypatch.setattr(moe_mod, "INTERPRET", interpret)
+    configs = moe_mod.role_configs(role)
+    fp32 = moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1)})
+    bf16 = moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1, dtype=torch.bfloat16)})
+    tiles = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                        for c in cs]
+    if interpret:
+        assert tiles(fp32) == tiles(bf16) == [moe_mod._INTERPRETER_TILE]
+    else:
+        assert tiles(fp32) == moe_mod._FP32_ROLE_TILES.get(role, moe_mod._FP32_TILES) and tiles(bf16) == moe_mod._ROLE_TILES[role]
+        assert all(t[2] == 64 and t[0] * t[1] >= 64 * 64 for t in tiles(bf16))
+        monkeypatch.setattr(moe_mod, "NO_GPU_CAPABILITY", (8, 0))  # an A100: no tile that spills there
+        ampere = tiles(moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1, dtype=torch.bfloat16)}))
+        assert ampere == [t for t in moe_mod._ROLE_TILES[role] if t not in moe_mod._HOPPER_ONLY.get(role, ())]
+
+
+def _sorted_problem(tokens: int, experts: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    ids = torch.rand(tokens, experts).argsort(-1)[:, :top_k].to(torch.int32).to(DEVICE)
+    order, _, offsets = moe_mod.sort_by_expert(ids.reshape(-1).contiguous(), experts)
+    return ids, order, offsets
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_moe_weight_gradient_split_over_tokens_matches_the_per_expert_sum(splits: int) -> None:
+    """dW2 and dW13 reduced in `splits` partial sums per expert (more splits than one expert has row
+    tiles, too) equal the per-expert sums, and the single pass, to fp32 rounding."""
+    tokens, experts, top_k, d, f = 50, 3, 2, 16, 24
+    ids, order, offsets = _sorted_problem(tokens, experts, top_k, torch.float32)
+    rows = order.numel()
+    x = torch.randn(tokens, d, device=DEVICE)
+    act, dy, dh = (torch.randn(rows, n, device=DEVICE) for n in (f, d, 2 * f))
+    token_of = order.long() // top_k
+    for grad, args, a_rows, b in (
+        (moe_mod.w2_grad, (act, dy, order, offsets, experts, torch.float32), act, dy),
+        (moe_mod.w13_grad, (x, dh, order, offsets, top_k, experts, torch.float32), x[token_of], dh),
+    ):
+        expected = torch.stack([a_rows[offsets[e]:offsets[e + 1]].double().T @ b[offsets[e]:offsets[e + 1]].double()
+                                for e in range(experts)])
+        split = grad(*args, num_splits=splits)
+        single = grad(*args, num_splits=1)
+        torch.testing.assert_close(split.double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-5)
+        assert torch.equal(grad(*args, num_splits=splits), split)  # deterministic
+
+
+@pytest.mark.parametrize("d_model, d_ff", [(32, 32), (64, 48)], ids=["even-K", "even-K-gate-up-only"])
+def test_moe_reduction_multiple_of_the_tile(d_model: int, d_ff: int) -> None:
+    """K a multiple of BLOCK_K (32 under the interpreter) takes the unmasked main loop."""
+    _check(_inputs(23, 4, 2, d_model, d_ff, torch.float32))
+
+
+def test_moe_64_bit_tile_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The INDEX_64 path (operands of 2^31+ elements) computes the same op, forced here on small shapes."""
+    monkeypatch.setattr(moe_mod, "_needs_64bit_offsets", lambda *tensors: True)
+    _check(_inputs(19, 4, 2, 40, 24, torch.float32))
 
 
 def test_moe_saves_no_activation() -> None:
@@ -155,10 +207,10 @@ def test_moe_backward_recomputes_act_bit_exactly(dtype: torch.dtype) -> None:
     x, ids, _, w13, w2 = _inputs(11, 3, 2, 8, 40, dtype)
     order, _, offsets = moe_mod.sort_by_expert(ids.reshape(-1).contiguous(), 3)
     h = torch.empty(order.numel(), 80, dtype=dtype, device=DEVICE)
-    act = moe_mod.grouped_mm(x, w13, order, offsets, 2, gather=True, act=1, h=h)
+    act = moe_mod.gate_up(x, w13, order, offsets, 2, h)
     dy = torch.randn(order.numel(), 8, dtype=dtype, device=DEVICE)
     recomputed = torch.full_like(act, float("nan"))
-    moe_mod.grouped_mm(dy, w2, order, offsets, 2, gather=False, act=2, h=h, transpose_b=True, act_out=recomputed)
+    moe_mod.down_dgrad(dy, w2, order, offsets, h, recomputed)
     assert torch.equal(recomputed, act)
 
 
