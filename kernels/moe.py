@@ -618,6 +618,7 @@ def _moe_experts_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
     """The Triton forward. Returns (out, h, y, order, pos, offsets): the output and, for the backward,
     the sorted pre-activations, expert outputs and the sort itself. The activations are dropped once
     the down GEMM has read them (the backward recomputes them from h): d_ff elements per routed token."""
+    check_moe_inputs(x, ids, weights, w13, w2)  # also when torch.ops.kernels.moe_experts is called directly
     num_tokens, top_k = ids.shape
     num_experts = w13.shape[0]
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
@@ -631,6 +632,7 @@ def _moe_experts_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
 
 @_moe_experts_op.register_fake
 def _(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> _Saved:
+    check_moe_inputs(x, ids, weights, w13, w2)
     num_rows = ids.numel()
     d_ff = w2.shape[1]
     return (x.new_empty(x.shape), x.new_empty(num_rows, 2 * d_ff), x.new_empty(num_rows, x.shape[1]),
@@ -694,5 +696,4 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: 
                 w2: torch.Tensor) -> torch.Tensor:
     """Triton `moe_experts`: sort once, gate+up grouped GEMM with fused SwiGLU, down grouped GEMM,
     weighted gather-combine. Differentiable in x, weights, w13 and w2; output in x's dtype."""
-    check_moe_inputs(x, ids, weights, w13, w2)
     return _moe_experts_op(x, ids, weights, w13, w2)[0]
