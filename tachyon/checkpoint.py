@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, total_params
 from .errors import TachyonError, run_cli
 from .model import TachyonLM
 from .tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
@@ -267,8 +267,7 @@ def checkpoint_config(meta: dict[str, Any], path: str | Path) -> ModelConfig:
         raise TachyonError(f"{path} records no model config; it was not saved by tachyon.train")
     try:
         config = config_from_dict(values)
-        with torch.device("meta"):  # builds nothing: an absurd config (a damaged file) fails here, not in memory
-            TachyonLM(config)
+        total_params(config)  # arithmetic on every field: wrong types fail here
     except Exception as e:  # noqa: BLE001 - wrong types or values anywhere in the stored dict
         raise TachyonError(f"{path} records an invalid model config ({type(e).__name__}: {io_reason(e)})") from None
     return config
@@ -283,7 +282,15 @@ def check_resumable(ckpt: dict[str, Any], path: str | Path) -> None:
 
 
 def _check_shapes(config: ModelConfig, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Compare the state dict with the model the config describes, on the meta device (no memory is used)."""
+    """Compare the state dict with the model the config describes, before any memory is spent on the model.
+
+    The parameter count comes first (arithmetic only), so an absurd config from a damaged file is refused before
+    even the meta-device model (which still builds every module object) is made.
+    """
+    have_params, want_params = sum(v.numel() for v in state.values()), total_params(config)
+    if have_params != want_params:
+        raise TachyonError(f"{path} does not match the model it describes: {have_params:,} parameters in the file, "
+                           f"{want_params:,} in its config")
     with torch.device("meta"):
         wanted = {k: tuple(v.shape) for k, v in TachyonLM(config).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}

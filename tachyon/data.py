@@ -6,6 +6,7 @@ PreprocessedMIXED dataset, so its files train here unchanged. `prepare` (your ow
 
     python -m tachyon.data prepare --tokenizer T --input PATH... --out DIR --seq-len 2048
     python -m tachyon.data download --repo SuperGoatScriptGuy/PreprocessedMIXED --shards 0-49 --out ./data
+    python -m tachyon.data check DIR [--tokenizer T | --vocab-size N]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from .errors import TachyonError, run_cli
 from .model import IGNORE_INDEX
-from .tokenizer import load_tokenizer, train_bpe
+from .tokenizer import file_sha256, load_tokenizer, train_bpe
 
 SHARD_GLOB = "shard_*.npy"
 SPLIT_SEED = 1234  # the val/train split is a property of the data, not of a run's --seed
@@ -81,6 +82,9 @@ def find_shards(data_dir: str | Path) -> list[Path]:
     when exactly one sub-folder holds shards.
     """
     data_dir = Path(data_dir).expanduser()
+    if data_dir.is_file():
+        raise TachyonError(f"data dir {data_dir} is a file, not a folder; pass --data-dir with the folder that holds "
+                           f"the {SHARD_GLOB} files")
     if not data_dir.is_dir():
         raise TachyonError(f"data dir {data_dir} does not exist; pass --data-dir with a folder of {SHARD_GLOB} files "
                            "(make one with `python -m tachyon.data prepare` or `download`)")
@@ -131,6 +135,68 @@ def open_shard(path: Path) -> ShardInfo:
     info = ShardInfo(Path(path), array.shape[0], array.shape[1], array.dtype, array.offset)
     array._mmap.close()  # a kept map would also keep a file descriptor per shard (2,685 of them for the full set)
     return info
+
+
+def _scan_ids(info: ShardInfo, vocab_size: int | None, advance: Callable[[int], object],
+              chunk: int = 1 << 22) -> str | None:
+    """Read a whole shard through a memory map, a chunk of rows at a time; the first id outside [0, vocab_size)
+    (or below 0 without a vocab size) in words, or None. `advance(n)` is told of every n ids read."""
+    array = np.load(info.path, mmap_mode="r", allow_pickle=False)
+    try:
+        step = max(1, chunk // max(1, info.width))
+        for start in range(0, info.rows, step):
+            rows = np.asarray(array[start:start + step])
+            advance(rows.size)
+            lo, hi = int(rows.min(initial=0)), int(rows.max(initial=0))
+            if lo >= 0 and (vocab_size is None or hi < vocab_size):
+                continue
+            bad = (rows < 0) if vocab_size is None else (rows < 0) | (rows >= vocab_size)
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            where = f"{rows[row, col]} at row {start + row}, column {col}"
+            if vocab_size is None:
+                return f"shard {info.path} holds a negative token id {where}"
+            return f"shard {info.path} holds token id {where}: outside [0, {vocab_size}), the vocab size"
+        return None
+    finally:
+        array._mmap.close()
+
+
+def check_shards(data_dir: str | Path, vocab_size: int | None = None, progress: bool = True) -> list[str]:
+    """Scan every shard of a data dir in full: headers, dtypes and widths, then every id against `vocab_size`.
+
+    Returns the problems found, one line each (empty: the data is sound). The trainer checks headers, dtypes and
+    widths when it starts and ids only in the batches it reads; this reads everything once, memory-mapped.
+    """
+    from tqdm import tqdm
+
+    problems, shards = [], []
+    for path in find_shards(data_dir):
+        try:
+            shards.append(open_shard(path))
+        except TachyonError as exc:
+            problems.append(str(exc))
+    widths = sorted({info.width for info in shards})
+    if len(widths) > 1:
+        problems.append(f"shards in {data_dir} have different widths ({widths}); keep one seq_len per data dir")
+    with tqdm(total=sum(info.rows * info.width for info in shards), unit="tok", unit_scale=True, desc="check",
+              disable=not progress) as bar:
+        for info in shards:
+            if problem := _scan_ids(info, vocab_size, bar.update):
+                problems.append(problem)
+    return problems
+
+
+def _vocab_for_check(data_dir: Path, tokenizer: str | None, vocab_size: int | None) -> int | None:
+    """The vocab size to check ids against: --vocab-size, else the tokenizer's, else the one meta.json records."""
+    if vocab_size is not None:
+        return vocab_size
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer).vocab_size
+    try:
+        recorded = json.loads((Path(data_dir) / "meta.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, int) else None
 
 
 class _WindowReader:
@@ -535,30 +601,44 @@ def _stdlib_documents(max_bytes: int) -> tuple[list[str], int]:
     return docs, n_files
 
 
+def _train_default_tokenizer(docs: list[str], root: Path) -> Path:
+    """Train the embedded tokenizer into root/tokenizer-<sha256 prefix>.json: content-addressed, so a rebuild
+    (another Python's stdlib, another size cap) adds a file and never overwrites one a checkpoint points to."""
+    building = root / f".tokenizer-building-{os.getpid()}.json"
+    train_bpe(docs, building, vocab_size=DEFAULT_VOCAB, length=len(docs))
+    path = root / f"tokenizer-{file_sha256(building)[:16]}.json"
+    os.replace(building, path)  # same name, same bytes: replacing an identical earlier build changes nothing
+    return path
+
+
 def embedded_default(seq_len: int = 256, log: Callable[[str], None] = print,
                      max_mb: float | None = None) -> tuple[Path, Path]:
     """(shard_dir, tokenizer_json) of the embedded default corpus, building whatever is not cached yet.
 
     The corpus is text every Python install has (see `_stdlib_documents`), so the default run needs no download.
-    The tokenizer (byte-level BPE, vocab 8192, <|endoftext|> 0, <|pad|> 1) lives in cache_dir()/default and
-    shards of width `seq_len` in a sub-folder per width. Everything is keyed by DEFAULT_VERSION, the Python
-    version and the size cap (`max_mb`, else $TACHYON_DEFAULT_MB, else 16 MB), and rebuilt when the key changes.
+    The tokenizer (byte-level BPE, vocab 8192, <|endoftext|> 0, <|pad|> 1) lives in cache_dir()/default under a
+    name holding its hash, and shards of width `seq_len` in a sub-folder per width. Everything is keyed by
+    DEFAULT_VERSION, the Python version and the size cap (`max_mb`, else $TACHYON_DEFAULT_MB, else 16 MB); when
+    the key changes the shards are rebuilt and a new tokenizer file is added beside the old ones, which stay.
     Files are written under temp names and renamed; meta.json comes last, so an interrupted build is redone.
     """
     if max_mb is None:
         max_mb = float(os.environ.get(DEFAULT_MAX_MB_ENV) or DEFAULT_MAX_MB)
     root = cache_dir() / "default"
     key = {"version": DEFAULT_VERSION, "python": sys.version.split()[0], "max_mb": max_mb, "vocab": DEFAULT_VOCAB}
-    tok_path, shard_dir = root / "tokenizer.json", root / f"seq{seq_len}"
+    shard_dir = root / f"seq{seq_len}"
     root_meta, shard_meta = root / "meta.json", shard_dir / "meta.json"
 
-    def current(meta_path: Path) -> bool:
+    def current(meta_path: Path) -> dict | None:
         try:
-            return json.loads(meta_path.read_text(encoding="utf-8")).get("key") == key
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return False
+            return None
+        return meta if isinstance(meta, dict) and meta.get("key") == key else None
 
-    tok_ok = current(root_meta) and tok_path.is_file()
+    recorded = current(root_meta)
+    tok_path = root / recorded["tokenizer"] if recorded and isinstance(recorded.get("tokenizer"), str) else None
+    tok_ok = tok_path is not None and tok_path.is_file()
     if tok_ok and current(shard_meta):
         log(f"using the cached embedded default corpus in {root}")
         return shard_dir, tok_path
@@ -569,12 +649,13 @@ def embedded_default(seq_len: int = 256, log: Callable[[str], None] = print,
     log(f"building corpus from {n_files} files ({sum(len(d.encode()) for d in docs) / 1e6:.1f} MB) "
         "of the Python standard library...")
     if not tok_ok:
-        if root.exists():
-            shutil.rmtree(root)  # stale: every shard folder depends on the tokenizer
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        root_meta.unlink(missing_ok=True)
+        for stale in root.glob("seq*"):  # every shard folder depends on the tokenizer; tokenizer files all stay
+            shutil.rmtree(stale)
         log(f"training tokenizer (byte-level BPE, vocab {DEFAULT_VOCAB})...")
-        train_bpe(docs, tok_path, vocab_size=DEFAULT_VOCAB, length=len(docs))
-        _atomic_write_json(root_meta, {"key": key})
+        tok_path = _train_default_tokenizer(docs, root)
+        _atomic_write_json(root_meta, {"key": key, "tokenizer": tok_path.name})
     tok = load_tokenizer(tok_path)
     log(f"writing shards of {seq_len} tokens to {shard_dir}...")
     if shard_dir.exists():
@@ -592,8 +673,22 @@ def embedded_default(seq_len: int = 256, log: Callable[[str], None] = print,
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def run_check(data_dir: Path, tokenizer: str | None, vocab_size: int | None) -> None:
+    """`check`: print each problem (TachyonError after the last, so the exit status is 2) or one all-clear line."""
+    if vocab_size is not None and vocab_size < 1:
+        raise TachyonError(f"--vocab-size must be at least 1, got {vocab_size}")
+    vocab = _vocab_for_check(data_dir, tokenizer, vocab_size)
+    problems = check_shards(data_dir, vocab, progress=sys.stderr.isatty())
+    for problem in problems[:-1]:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        raise TachyonError(problems[-1] + (f" ({len(problems)} problems in all)" if len(problems) > 1 else ""))
+    against = f"ids in [0, {vocab})" if vocab is not None else "no negative ids (no vocab size known)"
+    print(f"{data_dir}: {len(find_shards(data_dir))} shards, all sound: {against}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tachyon.data prepare|download ...`; user errors print one `error:` line and return 2."""
+    """`python -m tachyon.data prepare|check|download ...`; user errors print one `error:` line and return 2."""
     parser = argparse.ArgumentParser(prog="python -m tachyon.data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize .txt/.md/.jsonl files into shards")
@@ -603,6 +698,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048, help="row width in tokens (default 2048)")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: about 20M tokens)")
     p.add_argument("--text-field", default="text", help="the .jsonl field holding the text (default 'text')")
+    c = sub.add_parser("check", help="scan every shard in full for bad headers, dtypes, widths and ids")
+    c.add_argument("data_dir", type=Path, help="folder of shard_*.npy files")
+    c.add_argument("--tokenizer", help="check ids against this tokenizer's vocab size")
+    c.add_argument("--vocab-size", type=int, help="check ids against this vocab size (default: the tokenizer's, "
+                   "else meta.json's; without any, only negative ids are caught)")
     d = sub.add_parser("download", help="fetch shards of a Hugging Face dataset")
     d.add_argument("--repo", default="SuperGoatScriptGuy/PreprocessedMIXED")
     d.add_argument("--shards", default="0-49", help="indices like 0-49 or 0,3,7-9 (default 0-49)")
@@ -616,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise TachyonError("--seq-len must be >= 2 and --shard-rows >= 1")
             prepare(args.tokenizer, args.input, args.out, seq_len=args.seq_len, shard_rows=args.shard_rows,
                     text_field=args.text_field)
+        elif args.command == "check":
+            run_check(args.data_dir, args.tokenizer, args.vocab_size)
         else:
             download(args.repo, args.shards, args.out)
 

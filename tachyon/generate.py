@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import DEFAULT_RUN_DIR, latest_checkpoint, load_model
+from .checkpoint import DEFAULT_RUN_DIR, checkpoint_tokenizer, latest_checkpoint, load_model
 from .errors import TachyonError, run_cli
+from .hardware import resolve_device
 from .layers import KVCache
 from .model import TachyonLM
-from .tokenizer import Tokenizer, check_fits, load_tokenizer
+from .tokenizer import Tokenizer, check_fits
 
 __all__ = [
     "compiled_decode",
@@ -257,12 +258,22 @@ def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tens
 # Text-level generation
 
 
+def check_utf8(text: str) -> None:
+    """Refuse text holding undecodable bytes (Python keeps them from argv or stdin as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TachyonError(f"the prompt is not valid UTF-8 (an undecodable byte at character {e.start}); "
+                           "give the text in UTF-8") from None
+
+
 def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], model: TachyonLM) -> list[list[int]]:
     """Tokenize the prompts, checking the tokenizer fits the model and each prompt fits the context."""
     check_fits(tokenizer, model.config.vocab_size)
     for text in texts:
         if not isinstance(text, str) or not text:
             raise TachyonError("the prompt is empty: give at least one character of text")
+        check_utf8(text)
     ids = [list(row) for row in tokenizer.encode_batch(list(texts))]
     longest = max(len(row) for row in ids)
     token_budget(longest, 1, model.config.max_seq_len)  # raises when a prompt leaves no room
@@ -362,33 +373,16 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
 
 def pick_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else mps, else cpu; anything else must be a usable device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise TachyonError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TachyonError(f"device {name!r} asked for but CUDA is not available")
-    return device
+    return torch.device(resolve_device(name, prefer_mps=True))
 
 
 def load_for_generation(checkpoint: str | Path | None, tokenizer_path: str | Path | None,
                         device: torch.device) -> tuple[TachyonLM, Tokenizer, Path]:
-    """Load the model (eval mode) and its tokenizer, checking that they belong together."""
-
+    """Load the model (eval mode) and its tokenizer, checking that they belong together (size and file hash)."""
     path = resolve_checkpoint(checkpoint)
     model, meta = load_model(path, device)
     model.eval()
-    if tokenizer_path is None:
-        tokenizer_path = meta.get("tokenizer_path")
-        if not tokenizer_path:
-            raise TachyonError(f"{path} records no tokenizer: pass --tokenizer PATH")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = checkpoint_tokenizer(meta, path, override=tokenizer_path)
     check_fits(tokenizer, model.config.vocab_size)
     return model, tokenizer, path
 
@@ -442,6 +436,10 @@ def interactive(model: TachyonLM, tokenizer: Tokenizer, args: argparse.Namespace
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
+        except UnicodeDecodeError as e:  # stdin decodes strictly: that line is lost, the next one may be fine
+            print(f"error: the prompt is not valid UTF-8 (byte {e.object[e.start]:#04x}); give the text in UTF-8",
+                  file=sys.stderr)
+            continue
         if prompt.strip().lower() in QUIT_WORDS:
             return
         if not prompt.strip():

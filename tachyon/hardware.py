@@ -33,14 +33,23 @@ def bf16_peak_flops(device: torch.device | str | None = None) -> tuple[str, floa
     return name, None
 
 
-def resolve_device(name: str) -> str:
-    """'auto' -> cuda or cpu; a CUDA device is checked and made current (so cuda:1 runs its kernels on GPU 1)."""
+def resolve_device(name: str, prefer_mps: bool = False) -> str:
+    """'auto' -> cuda, else (with prefer_mps) mps, else cpu; a named device is checked to exist on this machine.
+
+    A CUDA device is made current (so cuda:1 runs its kernels on GPU 1). Only cpu, cuda[:N] and mps are accepted.
+    """
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if prefer_mps and mps_ok else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise TachyonError(f"--device {name} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise TachyonError(f"--device {name}: only auto, cpu, cuda, cuda:N and mps are supported")
+    if device.type == "mps" and not mps_ok:
+        raise TachyonError(f"--device {name} was asked for but this PyTorch build or machine has no MPS: "
+                           "use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise TachyonError(f"--device {name} was asked for but no CUDA GPU is available: use --device cpu")

@@ -56,21 +56,40 @@ def _text_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _documents(path: Path, text_field: str, offset: int = 0, line: int = 0) -> Iterator[tuple[str, int, int]]:
-    """The documents of one file from byte `offset` (after `line` lines) on, each with the offset and line after it.
+class Doc(NamedTuple):
+    """One item of the document stream: its text (None for a .jsonl record without the text field), how many
+    invalid UTF-8 sequences were replaced in it, and the position just after it."""
 
-    A .txt/.md file is one document, read whole, so any offset past 0 means it is done. A .jsonl file gives one
-    per line's `text_field`; it is read as bytes so that a resume can seek straight to a line.
+    text: str | None
+    replaced: int
+    end: Position
+
+
+def decode_counting(raw: bytes) -> tuple[str, int]:
+    """UTF-8 text of `raw` exactly as written (no newline translation) and the number of invalid sequences that
+    became U+FFFD (a U+FFFD already in the input is not counted)."""
+    text = raw.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
+def _documents(path: Path, text_field: str, offset: int = 0,
+               line: int = 0) -> Iterator[tuple[str | None, int, int, int]]:
+    """The documents of one file from byte `offset` (after `line` lines) on: (text, replaced, offset, line) after it.
+
+    A .txt/.md file is one document, read whole as bytes (so `\r\n` stays `\r\n`); any offset past 0 means it is
+    done. A .jsonl file gives one per line's `text_field`, or None for a record without it (it is counted, not
+    trained on); it is read as bytes so that a resume can seek straight to a line.
     """
     if path.suffix != ".jsonl":
         if offset == 0:
-            yield path.read_text(encoding="utf-8", errors="replace"), path.stat().st_size, 0
+            raw = path.read_bytes()
+            yield *decode_counting(raw), len(raw), 0
         return
     with open(path, "rb") as f:
         f.seek(offset)
         for raw in f:
             offset, line = offset + len(raw), line + 1
-            text = raw.decode("utf-8", errors="replace")
+            text, replaced = decode_counting(raw)
             if not text.strip():
                 continue
             try:
@@ -79,32 +98,29 @@ def _documents(path: Path, text_field: str, offset: int = 0, line: int = 0) -> I
                 raise TachyonError(f"{path}:{line} is not valid JSON ({exc.msg}); .jsonl files need one JSON object "
                                    "per line") from None
             text = record.get(text_field) if isinstance(record, dict) else None
-            if isinstance(text, str):
-                yield text, offset, line
+            yield (text if isinstance(text, str) else None), replaced, offset, line
 
 
-def _document_stream(files: list[Path], text_field: str, start: Position) -> Iterator[tuple[str, Position]]:
-    """Every document from `start` on, in order, each with the position just after it."""
+def _document_stream(files: list[Path], text_field: str, start: Position) -> Iterator[Doc]:
+    """Every document from `start` on, in order."""
     for index in range(start.file, len(files)):
         offset, line = (start.offset, start.line) if index == start.file else (0, 0)
-        for text, offset_after, line_after in _documents(files[index], text_field, offset, line):
-            yield text, Position(index, offset_after, line_after)
+        for text, replaced, offset_after, line_after in _documents(files[index], text_field, offset, line):
+            yield Doc(text, replaced, Position(index, offset_after, line_after))
 
 
-def _batches(docs: Iterable[tuple[str, Position]], batch_chars: int) -> Iterator[tuple[list[str], list[Position]]]:
-    """Documents (and their end positions) in runs of about `batch_chars` characters: one parallel encode each."""
-    texts: list[str] = []
-    ends: list[Position] = []
+def _batches(docs: Iterable[Doc], batch_chars: int) -> Iterator[list[Doc]]:
+    """Documents in runs of about `batch_chars` characters: one parallel encode each."""
+    batch: list[Doc] = []
     chars = 0
-    for text, end in docs:
-        texts.append(text)
-        ends.append(end)
-        chars += len(text)
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text or "")
         if chars >= batch_chars:
-            yield texts, ends
-            texts, ends, chars = [], [], 0
-    if texts:
-        yield texts, ends
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _fingerprint(files: list[Path]) -> list[list]:
@@ -125,10 +141,10 @@ def _changed_input(old: list[list], new: list[list]) -> str:
     return "the order of the input files changed"
 
 
-def _save_progress(out: Path, run: dict, writer: ShardWriter, position: Position) -> None:
+def _save_progress(out: Path, run: dict, writer: ShardWriter, position: Position, counts: dict) -> None:
     """Record atomically that `writer`'s shards are done and that the next document comes from `position`."""
     state = {**run, "shards": writer.n_shards, "tokens": writer.n_tokens, "documents": writer.n_docs,
-             "position": list(position)}
+             "position": list(position), "counts": counts}
     atomic_write(out / PROGRESS, lambda f: np.savez(f, state=np.array(json.dumps(state)), carry=writer.carry))
 
 
@@ -190,9 +206,10 @@ def _check_unrecorded_shards(out: Path, settings: dict) -> None:
                            "use an empty --out, or delete them")
 
 
-def _start(out: Path, run: dict, writer: ShardWriter, log: Callable[[str], None]) -> Position:
-    """Where this run begins: where an unfinished run of the same command stopped (`writer` restored to it), else
-    at the first document, with whatever an earlier run left in `out` removed so that nothing old mixes in."""
+def _start(out: Path, run: dict, writer: ShardWriter, log: Callable[[str], None]) -> tuple[Position, dict]:
+    """Where this run begins, and the text counts so far: where an unfinished run of the same command stopped
+    (`writer` restored to it), else at the first document, with whatever an earlier run left in `out` removed so
+    that nothing old mixes in."""
     for pattern in TEMP_GLOBS:
         for tmp in out.glob(pattern):
             tmp.unlink()
@@ -203,13 +220,29 @@ def _start(out: Path, run: dict, writer: ShardWriter, log: Callable[[str], None]
         state, carry = saved
         if (why := _why_not_resume(out, state, run, writer)) is None:
             writer.restore(state["shards"], state["tokens"], state["documents"], carry)
-            return Position(*state["position"])
+            return Position(*state["position"]), {**_no_counts(), **state.get("counts", {})}
         log(f"starting over in {out}: {why}")
     out.mkdir(parents=True, exist_ok=True)
-    _save_progress(out, run, writer, Position(0))  # first, so that `out` stays marked as unfinished while it is cleared
+    counts = _no_counts()
+    _save_progress(out, run, writer, Position(0), counts)  # first: `out` stays marked unfinished while cleared
     for path in [out / "meta.json", *out.glob(SHARD_GLOB)]:
         path.unlink(missing_ok=True)
-    return Position(0)
+    return Position(0), counts
+
+
+def _no_counts() -> dict:
+    """What prepare counts about its input besides tokens: replaced UTF-8 sequences and skipped .jsonl records."""
+    return {"utf8_replacements": 0, "records_without_text": 0}
+
+
+def _report_counts(counts: dict, text_field: str, log: Callable[[str], None]) -> None:
+    """Say what was changed or left out of the input, so nothing is altered silently."""
+    if counts["utf8_replacements"]:
+        log(f"note: {counts['utf8_replacements']:,} invalid UTF-8 byte sequence(s) in the input were replaced with "
+            "U+FFFD")
+    if counts["records_without_text"]:
+        log(f'note: {counts["records_without_text"]:,} .jsonl record(s) without a "{text_field}" string field were '
+            "skipped (set --text-field to use another field)")
 
 
 def prepare(tokenizer: str | Path, inputs: list[str | Path], out: str | Path, seq_len: int = 2048,
@@ -231,12 +264,14 @@ def prepare(tokenizer: str | Path, inputs: list[str | Path], out: str | Path, se
     if total_bytes == 0:
         raise TachyonError(f"the inputs ({', '.join(str(p) for p in files[:3])}) hold no text; nothing to prepare")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TachyonError(f"--out {out} is a file; pass a folder (new or empty) for the shards")
     shard_rows = shard_rows or max(1, 20_000_000 // seq_len)
     settings = {"tokenizer_sha256": tok.sha256, "seq_len": seq_len, "shard_rows": shard_rows,
                 "text_field": text_field, "inputs": [str(Path(p).expanduser().resolve()) for p in inputs]}
     run = {"settings": settings, "inputs": fingerprint}
     writer = ShardWriter(out, seq_len, shard_rows, tok.eot_id, tok.pad_id)
-    start = _start(out, run, writer, log)
+    start, counts = _start(out, run, writer, log)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete again until this run finishes
 
     def done(position: Position) -> int:
@@ -249,19 +284,24 @@ def prepare(tokenizer: str | Path, inputs: list[str | Path], out: str | Path, se
     if resumed_at:
         log(f"resuming an unfinished run at shard {resumed_at}: {done(start) / 1e6:.1f} MB of input already done")
     with tqdm(total=total_bytes, initial=done(start), unit="B", unit_scale=True, desc="prepare") as bar:
-        for texts, ends in _batches(_document_stream(files, text_field, start), batch_chars):
-            for ids, end in zip(tok.encode_batch(texts), ends, strict=True):  # one parallel call, across files
-                if writer.add(ids):
-                    _save_progress(out, run, writer, end)
-            bar.update(done(ends[-1]) - bar.n)
+        for batch in _batches(_document_stream(files, text_field, start), batch_chars):
+            encoded = iter(tok.encode_batch([d.text for d in batch if d.text is not None]))  # one parallel call
+            for doc in batch:
+                counts["utf8_replacements"] += doc.replaced
+                if doc.text is None:
+                    counts["records_without_text"] += 1
+                elif writer.add(next(encoded)):
+                    _save_progress(out, run, writer, doc.end, counts)
+            bar.update(done(batch[-1].end) - bar.n)
         bar.update(total_bytes - bar.n)
+    _report_counts(counts, text_field, log)
     if writer.n_tokens == 0:
         hint = f' (.jsonl lines need a "{text_field}" string field; set --text-field)' if any(
             p.suffix == ".jsonl" for p in files) else ""
         (out / PROGRESS).unlink()
         raise TachyonError(f"no text found in the inputs{hint}; nothing to prepare")
     meta = writer.finish({"tokenizer": str(tok.path), "tokenizer_sha256": tok.sha256,
-                          "vocab_size": tok.vocab_size, "sources": [str(p) for p in files]})
+                          "vocab_size": tok.vocab_size, "sources": [str(p) for p in files], **counts})
     (out / PROGRESS).unlink()  # after meta.json: a kill in between resumes (and rewrites the tail) rather than mixes
     log(f"wrote {meta['num_shards']} shards" + (f" ({resumed_at} of them before the restart)" if resumed_at else "")
         + f", {meta['num_tokens']:,} tokens, to {out}")

@@ -489,6 +489,15 @@ def test_embedded_default_builds_once_then_comes_from_the_cache(tmp_path: Path, 
     assert any("training tokenizer" in m for m in logs) and not other.exists()
 
 
+def test_a_rebuilt_embedded_tokenizer_never_replaces_one_a_checkpoint_points_to(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TACHYON_CACHE", str(tmp_path / "cache"))
+    _, first = embedded_default(seq_len=64, log=lambda m: None, max_mb=0.2)
+    assert first.name == f"tokenizer-{load_tokenizer(first).sha256[:16]}.json"  # named by its content
+    before = first.read_bytes()
+    _, second = embedded_default(seq_len=64, log=lambda m: None, max_mb=0.3)  # e.g. TACHYON_DEFAULT_MB changed
+    assert second != first and first.read_bytes() == before
+
+
 def test_embedded_corpus_is_deterministic_and_capped() -> None:
     a, n = data._stdlib_documents(200_000)
     b, _ = data._stdlib_documents(200_000)
@@ -505,3 +514,76 @@ def test_without_a_pad_token_nothing_is_masked_and_the_partial_last_row_is_dropp
     loader = BatchLoader(tmp_path, batch_size=2, seq_len=4, vocab_size=16, pad_id=None, seed=0)
     _, y = next(loader)
     assert (y == 1).any() and (y == 0).sum() == 2  # id 1 is an ordinary token here, end-of-text is scored
+
+
+# ------------------------------------------------------------------------------------------------ faithful text
+
+
+def _documents_in(out: Path, tok: Tokenizer) -> list[str]:
+    """The documents of a prepared folder, decoded: rows joined, pads dropped, split at end-of-text ids."""
+    ids = np.concatenate([np.load(p).ravel() for p in sorted(out.glob("shard_*.npy"))])
+    ids = ids[ids != tok.pad_id].tolist()
+    docs, start = [], 0
+    for i, token in enumerate(ids):
+        if token == tok.eot_id:
+            docs.append(tok.decode(ids[start:i]))
+            start = i + 1
+    return docs
+
+
+def test_prepare_keeps_the_text_as_written_and_reports_what_it_replaced_or_skipped(
+        tmp_path: Path, tokenizer_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"line one\r\nline two\r\n")
+    (tmp_path / "b.txt").write_bytes("ok \ufffd real, ".encode() + b"bad \xff and \xfe\xfe here")
+    records = [{"text": "a literal <|endoftext|> is text"}, {"body": "no text field"}, {"text": 5}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    logs: list[str] = []
+    meta = prepare(tokenizer_path, [tmp_path / n for n in ("a.txt", "b.txt", "c.jsonl")], tmp_path / "out",
+                   seq_len=16, shard_rows=4, log=logs.append)
+    tok = load_tokenizer(tokenizer_path)
+    assert _documents_in(tmp_path / "out", tok) == ["line one\r\nline two\r\n",
+                                                    "ok \ufffd real, bad \ufffd and \ufffd\ufffd here",
+                                                    "a literal <|endoftext|> is text"]
+    assert (meta["num_documents"], meta["utf8_replacements"], meta["records_without_text"]) == (3, 3, 2)
+    assert any("3 invalid UTF-8" in m for m in logs) and any('2 .jsonl record(s) without a "text"' in m for m in logs)
+
+
+def test_prepare_out_naming_a_file_is_one_line(tmp_path: Path, tokenizer_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "in.txt").write_text(TEXT)
+    (tmp_path / "taken").write_text("a file")
+    argv = ["prepare", "--tokenizer", str(tokenizer_path), "--input", str(tmp_path / "in.txt"), "--out",
+            str(tmp_path / "taken")]
+    assert data.main(argv) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'taken'} is a file; pass a folder (new or empty) " \
+                                      "for the shards\n"
+
+
+def test_a_data_dir_naming_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "shard_00000.npy").write_bytes(b"")
+    with pytest.raises(TachyonError, match="is a file, not a folder"):
+        find_shards(tmp_path / "shard_00000.npy")
+
+
+# ------------------------------------------------------------------------------------------------ check
+
+
+def test_check_finds_an_out_of_range_id_no_batch_would_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_shards(tmp_path, [(40, 64), (25, 64)], vocab=1000)
+    assert data.main(["check", str(tmp_path), "--vocab-size", "1000"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}: 2 shards, all sound: ids in [0, 1000)\n"
+    bad = np.load(tmp_path / "shard_00001.npy")
+    bad[23, 5] = 1000
+    np.save(tmp_path / "shard_00001.npy", bad)
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 1000}))  # the vocab comes from meta.json
+    assert data.main(["check", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: shard {tmp_path / 'shard_00001.npy'} holds token id 1000 at row 23, "
+                                       "column 5: outside [0, 1000), the vocab size\n")
+
+
+def test_check_lists_every_damaged_shard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_shards(tmp_path, [(4, 8), (4, 16), (4, 8)])
+    np.save(tmp_path / "shard_00002.npy", np.zeros((4, 8), dtype=np.float32))
+    assert data.main(["check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "shard_00002.npy holds float32" in err[0] and "different widths ([8, 16])" in err[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -449,3 +450,59 @@ def test_cli_runs_as_a_module(files: dict[str, Path]) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def ") and "tokens/s" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault and bad-input review (issue 15)
+
+
+def test_cli_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(files: dict[str, Path], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = torch.load(files["pt"], weights_only=False)
+    ckpt["tokenizer_sha256"] = load_tokenizer(files["big"]).sha256  # trained with another tokenizer file
+    torch.save(ckpt, tmp_path / "checkpoint_7.pt")
+    argv = ["--checkpoint", str(tmp_path / "checkpoint_7.pt"), "--prompt", "def ", "--max-tokens", "3",
+            "--device", "cpu"]
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and out == ""
+    assert f"but {files['small']} has sha256" in _one_error_line(err)
+    code, out, err = _run([*argv, "--tokenizer", str(files["small"])], capsys)  # named explicitly: a warning
+    assert code == 0 and out.startswith("def ") and err.startswith("warning: ")
+
+
+def test_cli_non_utf8_prompts_are_one_error_line(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--checkpoint", str(files["pt"]), "--max-tokens", "3", "--device", "cpu"]
+    code, _, err = _run([*argv, "--prompt", "caf\udce9"], capsys)  # how Python keeps a Latin-1 byte from argv
+    assert code == 2 and "not valid UTF-8" in _one_error_line(err)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\nquit\n"), encoding="utf-8"))
+    code, _, err = _run(argv, capsys)
+    assert code == 0 and "error: the prompt is not valid UTF-8 (byte 0xe9)" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_cli_mps_where_unsupported_is_one_error_line(files: dict[str, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(["--checkpoint", str(files["pt"]), "--prompt", "x", "--device", "mps"], capsys)
+    assert code == 2 and "has no MPS" in _one_error_line(err)
+
+
+def test_export_refuses_bad_destinations_and_writes_a_readable_file(files: dict[str, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from tachyon.checkpoint import load_model
+    from tachyon.checkpoint import main as checkpoint_main
+
+    cases = [([str(files["pt"]), str(tmp_path / "missing" / "m.safetensors")], "folder"),
+             ([str(files["pt"]), str(tmp_path / "m.pt")], "name the output *.safetensors"),
+             ([str(files["root"]), str(tmp_path / "m.safetensors")], "is a directory")]
+    for args, message in cases:
+        assert checkpoint_main(["export", *args]) == 2
+        assert message in _one_error_line(capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
+    assert checkpoint_main(["export", str(files["pt"]), str(tmp_path / "m.safetensors")]) == 0
+    mode = os.stat(tmp_path / "m.safetensors").st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    _, meta = load_model(tmp_path / "m.safetensors")
+    assert meta["step"] == 7

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tachyon.errors import TachyonError
-from tachyon.tokenizer import check_fits, load_tokenizer, padded_vocab_size, train_bpe
+from tachyon.tokenizer import check_fits, check_same_tokenizer, load_tokenizer, padded_vocab_size, train_bpe
 
 PILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pile_tokenizer.json"
 SAMPLE = (
@@ -75,3 +75,22 @@ def test_a_tokenizer_without_a_pad_token_has_pad_id_none(tmp_path: Path) -> None
     backend.save(str(tmp_path / "nopad.json"))
     tok = load_tokenizer(tmp_path / "nopad.json")
     assert (tok.eot_id, tok.pad_id, tok.fill_id) == (0, None, 0)  # end-of-text is never treated as padding
+
+
+def test_a_literal_special_token_in_text_is_encoded_as_text(small_tokenizer: Path) -> None:
+    tok = load_tokenizer(small_tokenizer)
+    text = "end <|endoftext|> pad <|pad|> here"
+    ids = tok.encode(text)
+    assert tok.eot_id not in ids and tok.pad_id not in ids and tok.decode(ids) == text
+    assert tok.encode_batch([text]) == [ids]
+
+
+def test_check_same_tokenizer_refuses_another_unless_named_explicitly(small_tokenizer: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    tok = load_tokenizer(small_tokenizer)
+    check_same_tokenizer(tok.sha256, tok, "checkpoint x", explicit=False)
+    check_same_tokenizer(None, tok, "checkpoint x", explicit=False)  # nothing recorded: nothing to compare
+    with pytest.raises(TachyonError, match="checkpoint x was trained with the tokenizer of sha256 000000000000"):
+        check_same_tokenizer("0" * 64, tok, "checkpoint x", explicit=False)
+    check_same_tokenizer("0" * 64, tok, "checkpoint x", explicit=True)
+    assert capsys.readouterr().err.startswith("warning: checkpoint x was trained with the tokenizer of sha256 0000")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +328,129 @@ def test_a_full_disk_at_save_is_one_line_and_keeps_the_last_good_checkpoint(
     assert sorted(p.name for p in run.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))) == \
         ["checkpoint_1.pt"]
     assert load_checkpoint(run / "checkpoint_1.pt")["step"] == 1
+
+
+# ------------------------------------------------------------------------------------------- signals
+
+
+def signal_in_forward(monkeypatch: pytest.MonkeyPatch, signum: int, at_call: int, times: int = 1) -> None:
+    """Deliver `signum` to this process `times` times during the `at_call`-th forward (as a scheduler or Ctrl-C)."""
+    from tachyon.model import TachyonLM
+
+    forward, calls = TachyonLM.forward, []
+
+    def signalled(self, idx, targets=None, **kw):
+        calls.append(1)
+        if len(calls) == at_call:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(TachyonLM, "forward", signalled)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    signal_in_forward(monkeypatch, signal.SIGTERM, at_call=2)
+    assert main(base_args(data, run, "--max-steps", "6")) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == ("stopped by SIGTERM after step 2: saved "
+                                                        f"{run / 'checkpoint_2.pt'}; continue with --resume latest")
+    assert load_checkpoint(run / "checkpoint_2.pt")["step"] == 2
+    monkeypatch.undo()
+    monkeypatch.setitem(PRESETS, "pico", PICO)
+    assert main(base_args(data, run, "--max-steps", "4", "--resume", "latest")) == 0
+    assert [r["step"] for r in logged(run)] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_stops_after_the_step_without_saving_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    signal_in_forward(monkeypatch, signal.SIGINT, at_call=2)
+    assert main(base_args(data, run, "--max-steps", "6")) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == ("stopped by SIGINT after step 2: not saved "
+                                                        "(--save-on-interrupt saves); no checkpoint of this run was "
+                                                        "saved")
+    assert not list(run.glob("*checkpoint_*"))
+
+
+def test_a_second_ctrl_c_abandons_the_step(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "1")) == 0
+    signal_in_forward(monkeypatch, signal.SIGINT, at_call=1, times=2)
+    assert main(base_args(data, run, "--max-steps", "6", "--resume", "latest", "--save-on-interrupt")) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == ("interrupted by SIGINT during step 2 (abandoned); the last "
+                                                        f"good checkpoint {run / 'checkpoint_1.pt'} is untouched")
+
+
+def test_ctrl_c_during_a_save_lets_the_save_finish(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import tachyon.checkpoint
+
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    save = tachyon.checkpoint.torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(tachyon.checkpoint.torch, "save", interrupted_save)
+    assert main(base_args(data, run, "--max-steps", "6", "--save-interval", "2")) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (f"stopped by SIGINT after step 2: saved "
+                                                        f"{run / 'checkpoint_2.pt'}; continue with --resume latest")
+    assert load_checkpoint(run / "checkpoint_2.pt")["step"] == 2 and not list(run.glob(".checkpoint_*"))
+
+
+def test_a_killed_runs_temporary_checkpoints_are_removed_at_start(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    run.mkdir()
+    (run / ".checkpoint_40.pt.tmp-4242").write_bytes(b"x" * 2_000_000)
+    assert main(base_args(data, run, "--max-steps", "1")) == 0
+    assert not list(run.glob(".checkpoint_*"))
+    assert "removed 1 temporary checkpoint file(s) (2.0 MB) left by a killed run" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- smaller defects
+
+
+def test_resume_needs_a_whole_training_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "1")) == 0
+    ckpt = torch.load(run / "checkpoint_1.pt", weights_only=False)
+    del ckpt["config"]
+    torch.save(ckpt, tmp_path / "checkpoint_1.pt")
+    expect_error(capsys, base_args(data, tmp_path / "other", "--resume", str(tmp_path / "checkpoint_1.pt")),
+                 "cannot be resumed: it has no 'config'")
+
+
+def test_resume_naming_a_run_directory_takes_its_newest_checkpoint(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    assert main(base_args(data, run, "--max-steps", "2", "--save-interval", "1")) == 0
+    assert main(base_args(data, tmp_path / "next", "--max-steps", "3", "--resume", str(run))) == 0
+    assert f"resumed from {run / 'checkpoint_2.pt'} at step 2" in capsys.readouterr().out
+    expect_error(capsys, base_args(data, tmp_path / "x", "--resume", str(data)), f"no checkpoint_<step>.pt in {data}")
+
+
+def test_a_data_dir_naming_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_shards(tmp_path / "data")
+    expect_error(capsys, base_args(data / "shard_00000.npy", tmp_path / "run"), "is a file, not a folder")
+
+
+def test_resume_refuses_a_rebuilt_default_tokenizer_and_warns_for_an_explicit_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tachyon.tokenizer import train_bpe
+
+    data, run = make_shards(tmp_path / "data", ids=(2, 250)), tmp_path / "run"
+    old = train_bpe(["alpha beta gamma " * 40], tmp_path / "old.json", vocab_size=300)
+    new = train_bpe(["delta epsilon zeta " * 40], tmp_path / "new.json", vocab_size=300)
+    argv = [a for a in base_args(data, run) if a not in ("--data-dir", str(data))]  # the embedded default run
+    monkeypatch.setattr("tachyon.train.embedded_default", lambda **kw: (data, old))
+    assert main([*argv, "--max-steps", "1"]) == 0
+    monkeypatch.setattr("tachyon.train.embedded_default", lambda **kw: (data, new))  # the cache was rebuilt
+    expect_error(capsys, [*argv, "--max-steps", "2", "--resume", "latest"], "was trained with the tokenizer of sha256",
+                 f"but {new} has sha256")
+    assert main([*argv, "--max-steps", "2", "--resume", "latest", "--tokenizer", str(new)]) == 0
+    assert "warning: checkpoint" in capsys.readouterr().err
