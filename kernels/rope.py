@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast_out, num_programs_for_reduction, warps_for
+from ._triton_utils import cast_out, warps_for
 from .rmsnorm import rms_norm_reference
 
 
@@ -99,72 +101,38 @@ def _rotate_heads(
     tl.store(yp + HALF, cast_out(x2 * c + x1 * s, Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _rope_token(
-    Q, K, QO, KO, COS, SIN,  # as in _rope_fwd_kernel
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_cos, stride_sin,
-    T, H, HKV, offset,
-    SIGN: tl.constexpr,  # 1.0 rotates by the angle, -1.0 by minus the angle (the backward)
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D2: tl.constexpr,
-):
-    """Rotate every q and k head of the token this program owns."""
-    tok = tl.program_id(0).to(tl.int64)
-    b = tok // T
-    t = tok % T
-    c, s = _cos_sin(COS, SIN, stride_cos, stride_sin, t + offset, HALF, BLOCK_D2)
-    s = s * SIGN
-    _rotate_heads(Q, QO, b * stride_qb + t * stride_qt, tok * H * 2 * HALF, stride_qh, H, c, s,
-                  HALF, BLOCK_H, BLOCK_D2)
-    _rotate_heads(K, KO, b * stride_kb + t * stride_kt, tok * HKV * 2 * HALF, stride_kh, HKV, c, s,
-                  HALF, BLOCK_HKV, BLOCK_D2)
-
-
 @triton.jit(do_not_specialize=["offset"])
-def _rope_fwd_kernel(
-    Q,  # pointer to q (B, T, H, D), any strides with a unit stride over D
-    K,  # pointer to k (B, T, HKV, D), any strides with a unit stride over D
-    QO,  # pointer to the rotated q, contiguous (B, T, H, D)
-    KO,  # pointer to the rotated k, contiguous (B, T, HKV, D)
+def _rope_kernel(
+    X,  # pointer to q (B, T, H, D), or to the gradient of the rotated q; unit stride over D
+    Y,  # pointer to k (B, T, HKV, D), or to the gradient of the rotated k; unit stride over D
+    XO,  # pointer to the rotated q (or the q gradient), contiguous (B, T, H, D)
+    YO,  # pointer to the rotated k (or the k gradient), contiguous (B, T, HKV, D)
     COS,  # pointer to the cos table (max_positions, D/2)
     SIN,  # pointer to the sin table (max_positions, D/2)
-    stride_qb, stride_qt, stride_qh,  # strides of q over B, T and heads
-    stride_kb, stride_kt, stride_kh,  # strides of k over B, T and heads
+    stride_xb, stride_xt, stride_xh,  # strides of X over B, T and heads
+    stride_yb, stride_yt, stride_yh,  # strides of Y over B, T and heads
     stride_cos, stride_sin,  # row strides of the tables
     T,  # tokens per sequence
     H,  # q heads
     HKV,  # k heads
     offset,  # position of token 0 (the KV-cache length when decoding)
+    INVERSE: tl.constexpr,  # rotate by minus the angle: the backward, whose matrix is the transpose
     HALF: tl.constexpr,  # D / 2
     BLOCK_H: tl.constexpr,  # power of two >= H
     BLOCK_HKV: tl.constexpr,  # power of two >= HKV
     BLOCK_D2: tl.constexpr,  # power of two >= HALF
 ):
-    _rope_token(Q, K, QO, KO, COS, SIN, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                stride_cos, stride_sin, T, H, HKV, offset, 1.0, HALF, BLOCK_H, BLOCK_HKV, BLOCK_D2)
-
-
-@triton.jit(do_not_specialize=["offset"])
-def _rope_bwd_kernel(
-    DQO,  # pointer to the gradient of the rotated q (B, T, H, D), unit stride over D
-    DKO,  # pointer to the gradient of the rotated k (B, T, HKV, D), unit stride over D
-    DQ,  # pointer to the q gradient, contiguous (B, T, H, D)
-    DK,  # pointer to the k gradient, contiguous (B, T, HKV, D)
-    COS,  # pointer to the cos table (max_positions, D/2)
-    SIN,  # pointer to the sin table (max_positions, D/2)
-    stride_qb, stride_qt, stride_qh,  # strides of DQO over B, T and heads
-    stride_kb, stride_kt, stride_kh,  # strides of DKO over B, T and heads
-    stride_cos, stride_sin,  # row strides of the tables
-    T,  # tokens per sequence
-    H,  # q heads
-    HKV,  # k heads
-    offset,  # position of token 0
-    HALF: tl.constexpr,  # D / 2
-    BLOCK_H: tl.constexpr,  # power of two >= H
-    BLOCK_HKV: tl.constexpr,  # power of two >= HKV
-    BLOCK_D2: tl.constexpr,  # power of two >= HALF
-):
-    _rope_token(DQO, DKO, DQ, DK, COS, SIN, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                stride_cos, stride_sin, T, H, HKV, offset, -1.0, HALF, BLOCK_H, BLOCK_HKV, BLOCK_D2)
+    """Rotate every q and k head of the token this program owns, forward or (INVERSE) backward."""
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // T
+    t = tok % T
+    c, s = _cos_sin(COS, SIN, stride_cos, stride_sin, t + offset, HALF, BLOCK_D2)
+    if INVERSE:
+        s = -s
+    _rotate_heads(X, XO, b * stride_xb + t * stride_xt, tok * H * 2 * HALF, stride_xh, H, c, s,
+                  HALF, BLOCK_H, BLOCK_D2)
+    _rotate_heads(Y, YO, b * stride_yb + t * stride_yt, tok * HKV * 2 * HALF, stride_yh, HKV, c, s,
+                  HALF, BLOCK_HKV, BLOCK_D2)
 
 
 @triton.jit
@@ -344,16 +312,41 @@ def _qk_norm_rope_bwd_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------------
 
+# The backward's launch size, from a model of the bytes it moves. It is memory-bound: per token it
+# reads dy and x of every q and k head and writes dx. A persistent program works on one token at a
+# time, so it has about one token's dy and x in flight; an SM covers DRAM latency at full bandwidth
+# with about BYTES_IN_FLIGHT_PER_SM outstanding (Little's law: an H100 moves ~25 GB/s per SM, ~1 us
+# latency under load, with margin), so it gets that many programs, within its resident limits.
+BYTES_IN_FLIGHT_PER_SM = 32 * 1024
+MAX_WARPS_PER_SM = 64  # sm_80 and sm_90
+MAX_PROGRAMS_PER_SM = 32
 
-def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, offset: int) -> None:
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int) -> None:
     """Shape rules shared by the ops and their fake implementations."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, T, H, D) and (B, T, Hkv, D)")
     D = q.shape[-1]
-    if D % 2 or cos.shape[-1] != D // 2:
-        raise ValueError(f"rope: head_dim {D} must be even and the tables (positions, {D // 2}), got {tuple(cos.shape)}")
+    if D % 2 or cos.dim() != 2 or cos.shape[-1] != D // 2 or sin.shape != cos.shape:
+        raise ValueError(f"rope: head_dim {D} must be even and the tables (positions, {D // 2}), "
+                         f"got cos {tuple(cos.shape)} and sin {tuple(sin.shape)}")
     if offset < 0 or offset + q.shape[1] > cos.shape[0]:
         raise ValueError(f"rope: positions {offset}..{offset + q.shape[1] - 1} exceed the table's {cos.shape[0]}")
+
+
+def _check_norm_weights(q_weight: torch.Tensor, k_weight: torch.Tensor, head_dim: int) -> None:
+    """The kernels read head_dim weights for each norm: any other shape is an error (the reference's too)."""
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if tuple(w.shape) != (head_dim,):
+            raise ValueError(f"qk_norm_rope: {name} has shape {tuple(w.shape)}, but head_dim is {head_dim}: "
+                             f"it must be ({head_dim},)")
+
+
+def _check_grads(dqo: torch.Tensor, dko: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    """The backward ops' output gradients have their outputs' shapes."""
+    if dqo.shape != q.shape or dko.shape != k.shape:
+        raise ValueError(f"rope: gradients {tuple(dqo.shape)}, {tuple(dko.shape)} must match q {tuple(q.shape)} "
+                         f"and k {tuple(k.shape)}")
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -361,13 +354,34 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _meta(q: torch.Tensor, k: torch.Tensor, backward: bool = False) -> dict:
-    """Block sizes and warps from the head counts and head_dim."""
+def _blocks(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """The kernels' compile-time sizes from the head counts and head_dim."""
     half = q.shape[-1] // 2
     block_h, block_hkv, block_d2 = (triton.next_power_of_2(n) for n in (q.shape[2], k.shape[2], half))
-    tile = 2 * block_h * block_d2 * (2 if backward else 1)
-    return {"HALF": half, "BLOCK_H": block_h, "BLOCK_HKV": block_hkv, "BLOCK_D2": block_d2,
-            "num_warps": warps_for(tile)}
+    return {"HALF": half, "BLOCK_H": block_h, "BLOCK_HKV": block_hkv, "BLOCK_D2": block_d2}
+
+
+def _fwd_meta(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Block sizes and warps of the one-token-per-program kernels: about 16 elements per thread."""
+    blocks = _blocks(q, k)
+    return {**blocks, "num_warps": warps_for(2 * blocks["BLOCK_H"] * blocks["BLOCK_D2"])}
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _bwd_launch(dqo: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[int, dict]:
+    """(programs, meta) of the persistent qk_norm_rope backward, from the bytes-in-flight model above."""
+    meta = _fwd_meta(q, k)
+    n_tokens = q.shape[0] * q.shape[1]
+    if q.device.type != "cuda":
+        return max(1, min(4, n_tokens)), meta  # the interpreter runs programs one after the other
+    read_per_token = (q.shape[2] + k.shape[2]) * q.shape[3] * (dqo.element_size() + q.element_size())
+    per_sm = min(-(-BYTES_IN_FLIGHT_PER_SM // read_per_token), MAX_WARPS_PER_SM // meta["num_warps"],
+                 MAX_PROGRAMS_PER_SM)
+    return max(1, min(per_sm * _sm_count(q.device), n_tokens)), meta
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -382,21 +396,20 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return _unit_last(cos), _unit_last(sin)
 
 
-def _rope_launch(kernel, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, cos, offset)
+def _rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int,
+                 inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k (or, inverse, their output gradients) by the angles of their positions."""
     q, k = _unit_last(q), _unit_last(k)
     cos, sin = _tables(cos, sin)
     qo, ko = _empty_like_bthd(q), _empty_like_bthd(k)
     B, T = q.shape[:2]
     if B * T:
-        kernel[(B * T,)](q, k, qo, ko, cos, sin, *_strides(q), *_strides(k), cos.stride(0), sin.stride(0),
-                         T, q.shape[2], k.shape[2], offset, **_meta(q, k))
+        _rope_kernel[(B * T,)](q, k, qo, ko, cos, sin, *_strides(q), *_strides(k), cos.stride(0), sin.stride(0),
+                               T, q.shape[2], k.shape[2], offset, INVERSE=inverse, **_fwd_meta(q, k))
     return qo, ko
 
 
 def _qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, offset, eps):
-    _check(q, k, cos, offset)
     q, k = _unit_last(q), _unit_last(k)
     cos, sin = _tables(cos, sin)
     qo, ko = _empty_like_bthd(q), _empty_like_bthd(k)
@@ -404,7 +417,7 @@ def _qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, offset, eps):
     if B * T:
         _qk_norm_rope_fwd_kernel[(B * T,)](
             q, k, q_weight.contiguous(), k_weight.contiguous(), qo, ko, cos, sin, *_strides(q), *_strides(k),
-            cos.stride(0), sin.stride(0), T, q.shape[2], k.shape[2], offset, eps, **_meta(q, k),
+            cos.stride(0), sin.stride(0), T, q.shape[2], k.shape[2], offset, eps, **_fwd_meta(q, k),
         )
     return qo, ko
 
@@ -414,19 +427,21 @@ def _qk_norm_rope_bwd(dqo, dko, q, k, q_weight, k_weight, cos, sin, offset, eps)
     cos, sin = _tables(cos, sin)
     dq, dk = _empty_like_bthd(q), _empty_like_bthd(k)
     B, T, _, D = q.shape
-    programs = max(1, min(num_programs_for_reduction(q.device), B * T))
+    programs, meta = _bwd_launch(dqo, q, k)
     dwq = torch.zeros(programs, D, dtype=torch.float32, device=q.device)
     dwk = torch.zeros(programs, D, dtype=torch.float32, device=q.device)
     if B * T:
         _qk_norm_rope_bwd_kernel[(programs,)](
             dqo, dko, q, k, q_weight.contiguous(), k_weight.contiguous(), dq, dk, dwq, dwk, cos, sin,
             *_strides(dqo), *_strides(dko), *_strides(q), *_strides(k), cos.stride(0), sin.stride(0),
-            B * T, T, q.shape[2], k.shape[2], offset, eps, **_meta(q, k, backward=True),
+            B * T, T, q.shape[2], k.shape[2], offset, eps, **meta,
         )
     return dq, dk, dwq.sum(0).to(q_weight.dtype), dwk.sum(0).to(k_weight.dtype)
 
 
 # --- the public ops ----------------------------------------------------------------------------------
+# Each op checks its own inputs, in its real and its fake implementation alike, so a direct
+# torch.ops.kernels.* call and a traced one fail as the reference would instead of reading past a tensor.
 
 
 @torch.library.custom_op("kernels::rope", mutates_args=())
@@ -436,12 +451,13 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
     q and k may be strided views (e.g. of one fused qkv projection); positions start at `offset`.
     """
-    return _rope_launch(_rope_fwd_kernel, q, k, cos, sin, offset)
+    _check(q, k, cos, sin, offset)
+    return _rope_launch(q, k, cos, sin, offset, inverse=False)
 
 
 @rope.register_fake
 def _(q, k, cos, sin, offset=0):
-    _check(q, k, cos, offset)
+    _check(q, k, cos, sin, offset)
     return _empty_like_bthd(q), _empty_like_bthd(k)
 
 
@@ -449,11 +465,13 @@ def _(q, k, cos, sin, offset=0):
 def rope_bwd(dqo: torch.Tensor, dko: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq, dk) of rope: the output gradients rotated back by the same angles."""
-    return _rope_launch(_rope_bwd_kernel, dqo, dko, cos, sin, offset)
+    _check(dqo, dko, cos, sin, offset)
+    return _rope_launch(dqo, dko, cos, sin, offset, inverse=True)
 
 
 @rope_bwd.register_fake
 def _(dqo, dko, cos, sin, offset):
+    _check(dqo, dko, cos, sin, offset)
     return _empty_like_bthd(dqo), _empty_like_bthd(dko)
 
 
@@ -483,14 +501,23 @@ def qk_norm_rope(
     offset: int = 0,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused per-head RMSNorm (fp32 statistics) then RoPE of q and k: one read, one write of each."""
+    """Fused per-head RMSNorm (fp32 statistics, weights (D,)) then RoPE of q and k: one read, one write of each."""
+    _check(q, k, cos, sin, offset)
+    _check_norm_weights(q_weight, k_weight, q.shape[-1])
     return _qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, offset, eps)
 
 
 @qk_norm_rope.register_fake
 def _(q, k, q_weight, k_weight, cos, sin, offset=0, eps=1e-6):
-    _check(q, k, cos, offset)
+    _check(q, k, cos, sin, offset)
+    _check_norm_weights(q_weight, k_weight, q.shape[-1])
     return _empty_like_bthd(q), _empty_like_bthd(k)
+
+
+def _check_qk_bwd(dqo, dko, q, k, q_weight, k_weight, cos, sin, offset) -> None:
+    _check(q, k, cos, sin, offset)
+    _check_grads(dqo, dko, q, k)
+    _check_norm_weights(q_weight, k_weight, q.shape[-1])
 
 
 @torch.library.custom_op("kernels::qk_norm_rope_bwd", mutates_args=())
@@ -507,11 +534,13 @@ def qk_norm_rope_bwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, d q_weight, d k_weight) of qk_norm_rope; weight gradients in the weights' dtypes."""
+    _check_qk_bwd(dqo, dko, q, k, q_weight, k_weight, cos, sin, offset)
     return _qk_norm_rope_bwd(dqo, dko, q, k, q_weight, k_weight, cos, sin, offset, eps)
 
 
 @qk_norm_rope_bwd.register_fake
 def _(dqo, dko, q, k, q_weight, k_weight, cos, sin, offset, eps):
+    _check_qk_bwd(dqo, dko, q, k, q_weight, k_weight, cos, sin, offset)
     return (_empty_like_bthd(q), _empty_like_bthd(k),
             torch.empty(q_weight.shape, dtype=q_weight.dtype, device=q_weight.device),
             torch.empty(k_weight.shape, dtype=k_weight.dtype, device=k_weight.device))
