@@ -38,6 +38,28 @@ def test_router_ties_go_to_the_lower_id() -> None:
     assert ids.tolist() == [[0, 1, 2]] * 3
 
 
+def _fp32_probability_ties(case: str) -> torch.Tensor:
+    """(64, 8) logits whose fp32 probabilities tie although the logits differ."""
+    logits = torch.randn(64, 8, device=DEVICE)
+    if case == "one-ulp":  # each odd expert one ulp above its even neighbour: equal probabilities in fp32
+        logits[:, 1::2] = torch.nextafter(logits[:, ::2], torch.tensor(float("inf"), device=DEVICE))
+        return logits
+    return logits * 1e4  # every probability but the largest underflows to 0, in fp32 and in fp64
+
+
+@pytest.mark.parametrize("case", ["one-ulp", "scaled-1e4"])
+def test_router_ranks_by_logit_where_fp32_probabilities_tie(case: str) -> None:
+    """Both backends rank by logit (equal logits to the lower id), so they agree with each other and
+    with the rule even where the rounded probabilities tie; counts follow the ids."""
+    logits = _fp32_probability_ties(case)
+    by_logit = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :4].int()
+    for topk in (router_mod.router_topk, router_mod.router_topk_reference):
+        _, ids, counts, _ = topk(logits, 4)
+        assert torch.equal(ids, by_logit), f"{topk.__name__} does not rank by logit"
+        assert torch.equal(counts, torch.bincount(by_logit.flatten(), minlength=8).int())
+    check_against_truth(_fused(4), _reference(4), [logits])
+
+
 def test_router_one_token_and_strided_logits() -> None:
     check_against_truth(_fused(2), _reference(2), [torch.randn(1, 8, device=DEVICE)])
     strided = torch.randn(8, 33, device=DEVICE).t()  # (33, 8) with stride (1, 33)
@@ -88,9 +110,22 @@ def test_router_nan_rows_get_valid_ids_and_leave_the_rest_alone(top_k: int) -> N
     check_against_truth(fused, reference, [logits])
 
 
-def test_router_rejects_bad_k() -> None:
-    with pytest.raises(ValueError):
-        router_mod.router_topk(torch.randn(4, 8, device=DEVICE), 9)
+@pytest.mark.parametrize("k", [0, 9, 99])
+def test_router_rejects_bad_k(k: int) -> None:
+    """Out-of-range k is a ValueError on every path: the Triton function, the op called directly, the reference."""
+    logits = torch.randn(4, 8, device=DEVICE)
+    for topk in (router_mod.router_topk, torch.ops.kernels.router_topk, router_mod.router_topk_reference):
+        with pytest.raises(ValueError, match="top-k"):
+            topk(logits, k)
+
+
+def test_router_ops_check_their_shapes() -> None:
+    with pytest.raises(ValueError, match="tokens, experts"):
+        torch.ops.kernels.router_topk(torch.randn(2, 4, 8, device=DEVICE), 2)
+    logits = torch.randn(4, 8, device=DEVICE)
+    weights, ids, _, lse = router_mod.router_topk(logits, 2)
+    with pytest.raises(ValueError, match="dweights"):
+        torch.ops.kernels.router_topk_bwd(weights[:3], lse, logits, weights, ids, lse)
 
 
 def test_router_opcheck() -> None:
