@@ -3,6 +3,14 @@
 `from kernels import rms_norm, qk_norm_rope, swiglu, router_topk, moe_experts` works without
 importing `tachyon`. The backend is chosen here and only here: `auto` (Triton for CUDA tensors,
 the reference otherwise), `triton` or `reference`, from $TACHYON_KERNELS or `kernels.use(...)`.
+
+Autocast is applied here too, once, the same for both backends (torch does not autocast custom
+ops, and a Triton op that consulted autocast itself would differ from its reference). The rule
+follows what autocast does to the aten ops each op replaces: an op built on matmuls casts its
+matmul operands to the autocast dtype, as F.linear would (linear_cross_entropy: x and weight);
+every other op runs in its inputs' dtypes, as pointwise and normalisation ops do under autocast
+(rms_norm, rope, qk_norm_rope, swiglu, router_topk). The ops in kernels/<op>.py never consult
+autocast: they take the dtypes they are given.
 """
 
 from __future__ import annotations
@@ -30,6 +38,16 @@ from .rmsnorm import rms_norm_reference  # noqa: E402
 from .rope import qk_norm_rope_reference, rope_reference  # noqa: E402
 from .router import router_topk_reference  # noqa: E402
 from .swiglu import swiglu_reference  # noqa: E402
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A matmul op's operands cast to the autocast dtype when autocast is on for their device, as
+    F.linear casts its own; unchanged otherwise."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -122,8 +140,11 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy of `x @ weight.T` over targets != ignore_index; x (..., d), weight (V, d).
 
-    The Triton path never holds the whole batch's full-vocab logits (see kernels/cross_entropy.py).
+    Under autocast x and weight are cast to the autocast dtype first, on both backends (the module's
+    autocast rule). The Triton path never holds the whole batch's full-vocab logits (see
+    kernels/cross_entropy.py).
     """
+    x, weight = _autocast(x, weight)
     if use_triton(x):
         return _cross_entropy.linear_cross_entropy(x, weight, targets, ignore_index)
     return linear_cross_entropy_reference(x, weight, targets, ignore_index)
