@@ -316,10 +316,12 @@ def _qk_norm_rope_bwd_kernel(
 # reads dy and x of every q and k head and writes dx. A persistent program works on one token at a
 # time, so it has about one token's dy and x in flight; an SM covers DRAM latency at full bandwidth
 # with about BYTES_IN_FLIGHT_PER_SM outstanding (Little's law: an H100 moves ~25 GB/s per SM, ~1 us
-# latency under load, with margin), so it gets that many programs, within its resident limits.
+# latency under load, with margin), so it gets that many programs, as far as its registers allow:
+# the kernel holds two (heads, D/2) fp32 tiles of dy and x per head set and needs up to about
+# REGS_PER_THREAD registers (94 at the tiny/small shapes with 2 warps on sm_90).
 BYTES_IN_FLIGHT_PER_SM = 32 * 1024
-MAX_WARPS_PER_SM = 64  # sm_80 and sm_90
-MAX_PROGRAMS_PER_SM = 32
+REGISTERS_PER_SM = 65536  # sm_80 and sm_90
+REGS_PER_THREAD = 128
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int) -> None:
@@ -361,10 +363,11 @@ def _blocks(q: torch.Tensor, k: torch.Tensor) -> dict:
     return {"HALF": half, "BLOCK_H": block_h, "BLOCK_HKV": block_hkv, "BLOCK_D2": block_d2}
 
 
-def _fwd_meta(q: torch.Tensor, k: torch.Tensor) -> dict:
-    """Block sizes and warps of the one-token-per-program kernels: about 16 elements per thread."""
+def _fwd_meta(q: torch.Tensor, k: torch.Tensor, tensors: int = 1) -> dict:
+    """Block sizes and warps from the head counts and head_dim: about 16 elements per thread of the
+    `tensors` (heads, D) tiles a program holds at once (the backward holds dy and x: 2)."""
     blocks = _blocks(q, k)
-    return {**blocks, "num_warps": warps_for(2 * blocks["BLOCK_H"] * blocks["BLOCK_D2"])}
+    return {**blocks, "num_warps": warps_for(2 * blocks["BLOCK_H"] * blocks["BLOCK_D2"] * tensors)}
 
 
 @functools.cache
@@ -374,14 +377,14 @@ def _sm_count(device: torch.device) -> int:
 
 def _bwd_launch(dqo: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[int, dict]:
     """(programs, meta) of the persistent qk_norm_rope backward, from the bytes-in-flight model above."""
-    meta = _fwd_meta(q, k)
+    meta = _fwd_meta(q, k, tensors=2)
     n_tokens = q.shape[0] * q.shape[1]
     if q.device.type != "cuda":
         return max(1, min(4, n_tokens)), meta  # the interpreter runs programs one after the other
     read_per_token = (q.shape[2] + k.shape[2]) * q.shape[3] * (dqo.element_size() + q.element_size())
-    per_sm = min(-(-BYTES_IN_FLIGHT_PER_SM // read_per_token), MAX_WARPS_PER_SM // meta["num_warps"],
-                 MAX_PROGRAMS_PER_SM)
-    return max(1, min(per_sm * _sm_count(q.device), n_tokens)), meta
+    by_bytes = -(-BYTES_IN_FLIGHT_PER_SM // read_per_token)
+    by_registers = max(1, REGISTERS_PER_SM // (REGS_PER_THREAD * 32 * meta["num_warps"]))
+    return max(1, min(min(by_bytes, by_registers) * _sm_count(q.device), n_tokens)), meta
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
