@@ -211,7 +211,7 @@ class Spec:
 
 def _label(params: list[str], constexprs: dict, options: dict) -> str:
     blocks = [f"{params[path[0]]}={value}" for path, value in constexprs.items()
-              if params[path[0]].startswith(("BLOCK", "GROUP", "SPLIT", "EVEN"))]
+              if params[path[0]].startswith(("BLOCK", "GROUP", "SPLIT", "EVEN", "USE_"))]
     return " ".join(blocks + [f"w{options['num_warps']}", f"s{options['num_stages']}"])
 
 
@@ -310,7 +310,7 @@ def compile_spec(spec: Spec) -> Row:
             compiled = triton.compile(ASTSource(fn, spec.signature, spec.constexprs, spec.attrs),
                                       target=GPUTarget("cuda", spec.cap, 32), options=spec.options)
     except Exception as e:  # a compile error is a finding, reported in the table
-        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        row.error = _error_line(e)
         return row
     ptxas = log.getvalue()
     row.regs = int(m.group(1)) if (m := re.search(r"Used (\d+) registers", ptxas)) else 0
@@ -329,6 +329,15 @@ def compile_spec(spec: Spec) -> Row:
             sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True).stdout
         row.loop_insts_per_mma, row.wgmma_in_flight, row.loop_int_div = main_loop(sass, spec.cap)
     return row
+
+
+def _error_line(error: BaseException) -> str:
+    """One line for a compile error: where the outermost error points, and the innermost cause."""
+    where = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split())[:200]
+    return f"{where} {type(error).__name__}: {text}".strip()
 
 
 def _cuobjdump() -> str:

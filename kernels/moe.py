@@ -7,6 +7,8 @@ GEMM recomputes it from h in its epilogue, bitwise as the forward computed it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -111,47 +113,76 @@ NO_GPU_CAPABILITY = (9, 0)
 # gate_up's two fp32 accumulators need 8 warps' registers (4 warps spill on sm_80).
 _FP32_TILES = [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3)]
 _FP32_ROLE_TILES = {"gate_up": [(64, 64, 32, 8, 2), (64, 64, 32, 8, 3)]}
-# The interpreter times nothing and runs programs one by one: one small tile.
+# The interpreter times nothing and runs programs one by one: one small tile, in the variants named
+# here ("pointer": cp.async-style loads; "tma": persistent with TMA descriptors). Tests set it to force one.
 _INTERPRETER_TILE = (32, 32, 32, 4, 1)
+INTERPRETER_VARIANTS = ("pointer",)
 _WIDEST_TILE_N = 256  # the widest BLOCK_N any weight-gradient config uses: sizes the reduction split
 
 
-def _config(tile: tuple[int, int, int, int, int], kind: str, min_capability: tuple[int, int] = (8, 0)
-            ) -> triton.Config:
+_TMA_ROLES = ("gate_up", "down", "down_dgrad", "gate_up_dgrad")  # the weight gradients have no TMA variant yet
+
+
+def _config(tile: tuple[int, int, int, int, int], kind: str, min_capability: tuple[int, int] = (8, 0),
+            tma: bool | None = None) -> triton.Config:
     bm, bn, bk, warps, stages = tile
-    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
-                           num_stages=stages)
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    if tma is not None:
+        meta["USE_TMA"] = tma
+    config = triton.Config(meta, num_warps=warps, num_stages=stages)
     config.kind = kind  # "16-bit", "fp32" or "interpreter": which operands the config is for
-    config.min_capability = min_capability  # the oldest GPU generation it suits
+    config.min_capability = (9, 0) if tma else min_capability  # the oldest GPU generation it suits
     return config
 
 
 def role_configs(role: str) -> list[triton.Config]:
-    """Every autotune candidate of a GEMM role, built the same with or without a GPU:
-    the role's 16-bit tiles, the fp32 tiles, and the interpreter's one tile."""
+    """Every autotune candidate of a GEMM role, built the same with or without a GPU: the role's 16-bit
+    tiles (each also as a TMA variant on Hopper, for the roles that have one), the fp32 tiles, and the
+    interpreter's one tile (in each variant)."""
     hopper_only = _HOPPER_ONLY.get(role, set())
-    return ([_config(t, "16-bit", (9, 0) if t in hopper_only else (8, 0)) for t in _ROLE_TILES[role]]
-            + [_config(t, "fp32") for t in _FP32_ROLE_TILES.get(role, _FP32_TILES)]
-            + [_config(_INTERPRETER_TILE, "interpreter")])
+    variants = (False, True) if role in _TMA_ROLES else (None,)
+    pointer = None if variants == (None,) else False
+    return ([_config(t, "16-bit", (9, 0) if t in hopper_only else (8, 0), tma) for tma in variants
+             for t in _ROLE_TILES[role]]
+            + [_config(t, "fp32", tma=pointer) for t in _FP32_ROLE_TILES.get(role, _FP32_TILES)]
+            + [_config(_INTERPRETER_TILE, "interpreter", tma=tma) for tma in variants])
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else NO_GPU_CAPABILITY
 
 
-def _keep_dtype_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
-    """Autotune pruning: the interpreter's tile under the interpreter; on a GPU the fp32 tiles for
-    fp32 operands (A's dtype) and otherwise the 16-bit tiles that suit the GPU's generation.
+def _keep_dtype_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune pruning: the interpreter's tile (in INTERPRETER_VARIANTS) under the interpreter; on a GPU
+    the fp32 tiles for fp32 operands (A's dtype) and otherwise the 16-bit tiles that suit the GPU's
+    generation, TMA variants only from Hopper on and where the operands' layout allows them.
 
     The autotuner's cache key holds every tensor argument's dtype, so the two never share a choice.
     """
     a = named_args["a_ptr"]
+    tma_ok = _tma_fits(named_args, kwargs)
+    fits = lambda c: tma_ok or not c.kwargs.get("USE_TMA", False)
     if INTERPRET:
-        kind = "interpreter"
-    else:
-        kind = "fp32" if a.dtype == torch.float32 else "16-bit"
+        interpreted = [c for c in configs if c.kind == "interpreter"]
+        wanted = [c for c in interpreted if _variant(c) in INTERPRETER_VARIANTS and fits(c)]
+        return wanted or [c for c in interpreted if _variant(c) == "pointer"]
+    kind = "fp32" if a.dtype == torch.float32 else "16-bit"
     capability = _capability(a.device)
-    return [c for c in configs if c.kind == kind and c.min_capability <= capability]
+    return [c for c in configs if c.kind == kind and c.min_capability <= capability and fits(c)]
+
+
+def _variant(config: triton.Config) -> str:
+    """"tma" or "pointer": how a grouped-GEMM config reads its operands."""
+    return "tma" if config.kwargs.get("USE_TMA", False) else "pointer"
+
+
+def _tma_fits(named_args: dict, kwargs: dict) -> bool:
+    """Whether TMA descriptors can address the operands: 16-byte aligned bases and leading strides,
+    a contiguous last dim (for A only when it is not gathered)."""
+    a, b = named_args["a_ptr"], named_args["b_ptr"]
+    tensors = [b] if kwargs.get("GATHER_A") else [a, b]
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]) for t in tensors)
 
 
 def _autotune(kernel, role: str, key: list[str]):
@@ -232,9 +263,108 @@ def _moe_scatter_kernel(
 
 
 @triton.jit
+def _load_b(b_src, b_base, b_offs, b_mask, expert, k0, n0, shift, stride_bn, USE_TMA: tl.constexpr,
+            B_TRANSPOSED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """B[expert][k0:k0+BK, shift+n0:shift+n0+BN]: one TMA copy through the (E, ., .) descriptor b_src, or
+    masked pointer loads from b_base (the expert's B at reduction step k0)."""
+    if USE_TMA:
+        if B_TRANSPOSED:  # memory (E, N, K), K contiguous: load (BN, BK) and transpose
+            b = tl.trans(b_src.load([expert, shift + n0, k0]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            b = b_src.load([expert, k0, shift + n0]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        b = tl.load(b_base + shift * stride_bn + b_offs, mask=b_mask, other=0.0)
+    return b
+
+
+@triton.jit
+def _mm_tile(
+    pid_m, pid_n, a_src, b_src, c_ptr, h_ptr, act_ptr, order_ptr, offsets_ptr, experts, tiles, tile_end,
+    N, K, num_experts, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
+    TOP_K: tl.constexpr, EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, EVEN_K: tl.constexpr,
+    INDEX_64: tl.constexpr, USE_TMA: tl.constexpr, B_TRANSPOSED: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (row tile, column tile) of the grouped GEMM and its epilogue; nothing past the last expert's tiles.
+
+    a_src and b_src are pointers, or TMA descriptors under USE_TMA (A only when it is not gathered).
+    """
+    expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
+    if expert < num_experts:
+        first_tile = tl.sum(tl.where(experts == expert, tile_end - tiles, 0), axis=0)
+        row0 = tl.load(offsets_ptr + expert) + (pid_m - first_tile) * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < tl.load(offsets_ptr + expert + 1)
+        n0 = pid_n * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        if GATHER_A:
+            src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
+        else:
+            src = rows
+        if INDEX_64:
+            src = src.to(tl.int64)
+        a_offs = src[:, None] * stride_am + ks[None, :] * stride_ak
+        b_offs = ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        b_base = b_src
+        if not USE_TMA:
+            b_base = b_src + expert.to(tl.int64) * stride_be
+        a_ptr = a_src
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # only SWIGLU uses it
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a_mask = row_ok[:, None]
+                b_mask = col_ok[None, :]
+            else:
+                k_ok = ks < K - k0
+                a_mask = row_ok[:, None] & k_ok[None, :]
+                b_mask = k_ok[:, None] & col_ok[None, :]
+            if USE_TMA and not GATHER_A:
+                a = a_src.load([row0, k0])  # rows past the expert are read but never stored
+            else:
+                a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
+                a_ptr += BLOCK_K * stride_ak
+            b = _load_b(b_src, b_base, b_offs, b_mask, expert, k0, n0, 0, stride_bn, USE_TMA, B_TRANSPOSED,
+                        BLOCK_K, BLOCK_N)
+            acc = _dot(a, b, acc, UPCAST, DOT_PRECISION)
+            if EPILOGUE == SWIGLU:  # the up half: B's columns N.. 2N
+                b_up = _load_b(b_src, b_base, b_offs, b_mask, expert, k0, n0, N, stride_bn, USE_TMA, B_TRANSPOSED,
+                               BLOCK_K, BLOCK_N)
+                acc_up = _dot(a, b_up, acc_up, UPCAST, DOT_PRECISION)
+            if not USE_TMA:
+                b_base += BLOCK_K * stride_bk
+
+        mask = row_ok[:, None] & col_ok[None, :]
+        out_rows = rows[:, None].to(tl.int64)
+        if EPILOGUE == PLAIN:
+            tl.store(c_ptr + out_rows * N + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+        elif EPILOGUE == SWIGLU:
+            h_ptrs = h_ptr + out_rows * (2 * N) + cols[None, :]
+            gate = acc.to(h_ptr.dtype.element_ty)
+            up = acc_up.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptrs, gate, mask=mask)
+            tl.store(h_ptrs + N, up, mask=mask)
+            act = silu_mul(gate.to(tl.float32), up.to(tl.float32))  # from h as stored, as DSWIGLU recomputes it
+            tl.store(c_ptr + out_rows * N + cols[None, :], act.to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            h_ptrs = h_ptr + out_rows * (2 * N) + cols[None, :]
+            gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+            dgate, dup = silu_mul_grad(gate, up, acc)
+            c_ptrs = c_ptr + out_rows * (2 * N) + cols[None, :]
+            tl.store(c_ptrs, dgate.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs + N, dup.to(c_ptr.dtype.element_ty), mask=mask)
+            act = silu_mul(gate, up)  # SWIGLU's expression on the same h: the forward's activation, not saved
+            tl.store(act_ptr + out_rows * N + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _grouped_mm_kernel(
-    a_ptr,  # (rows, K) left operand; sorted row s reads row order[s] // TOP_K when GATHER_A, else row s
-    b_ptr,  # (E, K, *) right operand per expert, read through strides (a transposed view works)
+    a_ptr,  # (S or T, K) left operand; sorted row s reads row order[s] // TOP_K when GATHER_A, else row s
+    b_ptr,  # (E, K, *) right operand per expert, read through strides; (E, *, K) in memory when B_TRANSPOSED
     c_ptr,  # out, contiguous, sorted order: (S, N) for PLAIN and SWIGLU, (S, 2N) dgate|dup for DSWIGLU
     h_ptr,  # (S, 2N) pre-activations gate|up: written by SWIGLU, read by DSWIGLU, unused by PLAIN
     act_ptr,  # (S, N) out for DSWIGLU: silu(gate) * up recomputed from h, bitwise SWIGLU's C; unused otherwise
@@ -252,9 +382,11 @@ def _grouped_mm_kernel(
     TOP_K: tl.constexpr,  # k: turns an assignment index into its token row (a shift for k = 2)
     EPILOGUE: tl.constexpr,  # PLAIN, SWIGLU or DSWIGLU
     GATHER_A: tl.constexpr,  # read A's rows through order (token rows of x) instead of sorted rows
+    B_TRANSPOSED: tl.constexpr,  # B is used transposed: its reduction dim is the contiguous one
     E_PAD: tl.constexpr,  # next power of two >= E
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no reduction mask in the main loop
     INDEX_64: tl.constexpr,  # an operand has 2^31 elements or more: 64-bit tile offsets
+    USE_TMA: tl.constexpr,  # Hopper: persistent programs, B (and A unless gathered) through TMA descriptors
     UPCAST: tl.constexpr,  # widen tiles to fp32 before the dot (bf16 under the interpreter)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), "tf32" otherwise (no effect on 16-bit)
     BLOCK_M: tl.constexpr,  # sorted rows per tile; tiles never straddle two experts
@@ -267,80 +399,47 @@ def _grouped_mm_kernel(
     Both SwiGLU epilogues compute silu(gate) * up in fp32 from h as stored (rounded to its dtype), so
     the activation the backward recomputes for dW2 is bitwise the one the forward fed the down GEMM.
 
-    The grid is an upper bound, cdiv(S, BLOCK_M) + E row tiles times the column tiles: the tile
-    table (each expert's tile count, prefix-summed) is rebuilt here from `offsets`, so the host
-    never learns the counts, and programs past the last real tile exit at once. The main loop moves
-    two scalar base pointers over fixed (32-bit unless INDEX_64) tile offsets, unmasked on K when
-    EVEN_K.
+    The tile table (each expert's row-tile count, prefix-summed) is rebuilt here from `offsets`, so the
+    host never learns the counts. Without USE_TMA each program takes one tile of an upper-bound grid,
+    cdiv(S, BLOCK_M) + E row tiles times the column tiles, and programs past the last real tile exit at
+    once; the main loop moves scalar base pointers over fixed (32-bit unless INDEX_64) tile offsets,
+    unmasked on K when EVEN_K. With USE_TMA a grid of about one program per SM walks the real tiles
+    (persistent), B comes in by TMA copies from a 3-D (E, ., .) descriptor (zero past each expert's
+    K and N), and so does A when it is not gathered.
     """
-    num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-
     experts = tl.arange(0, E_PAD)
     e_ok = experts < num_experts
     lo = tl.load(offsets_ptr + experts, mask=e_ok, other=0)
     hi = tl.load(offsets_ptr + experts + 1, mask=e_ok, other=0)
     tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     tile_end = tl.cumsum(tiles, axis=0)
-    expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
-    if expert >= num_experts:
-        return
-    first_tile = tl.sum(tl.where(experts == expert, tile_end - tiles, 0), axis=0)
-    rows = tl.load(offsets_ptr + expert) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < tl.load(offsets_ptr + expert + 1)
-    if GATHER_A:
-        src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
-    else:
-        src = rows
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    if INDEX_64:
-        src = src.to(tl.int64)
-    a_offs = src[:, None] * stride_am + ks[None, :] * stride_ak
-    b_offs = ks[:, None] * stride_bk + cols[None, :] * stride_bn
-    b_base = b_ptr + expert.to(tl.int64) * stride_be
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # only SWIGLU uses it
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a_mask = row_ok[:, None]
-            b_mask = col_ok[None, :]
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if USE_TMA:
+        n_total = 2 * N if EPILOGUE == SWIGLU else N
+        if B_TRANSPOSED:
+            b_src = tl.make_tensor_descriptor(b_ptr, [num_experts, n_total, K], [stride_be, stride_bn, 1],
+                                              [1, BLOCK_N, BLOCK_K])
         else:
-            k_ok = ks < K - k0
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            b_mask = k_ok[:, None] & col_ok[None, :]
-        a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
-        acc = _dot(a, tl.load(b_base + b_offs, mask=b_mask, other=0.0), acc, UPCAST, DOT_PRECISION)
-        if EPILOGUE == SWIGLU:
-            b_up = tl.load(b_base + N * stride_bn + b_offs, mask=b_mask, other=0.0)
-            acc_up = _dot(a, b_up, acc_up, UPCAST, DOT_PRECISION)
-        a_ptr += BLOCK_K * stride_ak
-        b_base += BLOCK_K * stride_bk
-
-    mask = row_ok[:, None] & col_ok[None, :]
-    out_rows = rows[:, None].to(tl.int64)
-    if EPILOGUE == PLAIN:
-        tl.store(c_ptr + out_rows * N + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
-    elif EPILOGUE == SWIGLU:
-        h_ptrs = h_ptr + out_rows * (2 * N) + cols[None, :]
-        gate = acc.to(h_ptr.dtype.element_ty)
-        up = acc_up.to(h_ptr.dtype.element_ty)
-        tl.store(h_ptrs, gate, mask=mask)
-        tl.store(h_ptrs + N, up, mask=mask)
-        act = silu_mul(gate.to(tl.float32), up.to(tl.float32))  # from h as stored, as DSWIGLU recomputes it
-        tl.store(c_ptr + out_rows * N + cols[None, :], act.to(c_ptr.dtype.element_ty), mask=mask)
+            b_src = tl.make_tensor_descriptor(b_ptr, [num_experts, K, n_total], [stride_be, stride_bk, 1],
+                                              [1, BLOCK_K, BLOCK_N])
+        if GATHER_A:
+            a_src = a_ptr
+        else:
+            a_src = tl.make_tensor_descriptor(a_ptr, [num_rows, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        num_pid_m = tl.sum(tiles, axis=0)
+        for tile in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+            pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+            _mm_tile(pid_m, pid_n, a_src, b_src, c_ptr, h_ptr, act_ptr, order_ptr, offsets_ptr, experts, tiles,
+                     tile_end, N, K, num_experts, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
+                     TOP_K, EPILOGUE, GATHER_A, EVEN_K, INDEX_64, USE_TMA, B_TRANSPOSED, UPCAST, DOT_PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        h_ptrs = h_ptr + out_rows * (2 * N) + cols[None, :]
-        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        dgate, dup = silu_mul_grad(gate, up, acc)
-        c_ptrs = c_ptr + out_rows * (2 * N) + cols[None, :]
-        tl.store(c_ptrs, dgate.to(c_ptr.dtype.element_ty), mask=mask)
-        tl.store(c_ptrs + N, dup.to(c_ptr.dtype.element_ty), mask=mask)
-        act = silu_mul(gate, up)  # SWIGLU's expression on the same h: the forward's activation, not saved
-        tl.store(act_ptr + out_rows * N + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+        num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+        _mm_tile(pid_m, pid_n, a_ptr, b_ptr, c_ptr, h_ptr, act_ptr, order_ptr, offsets_ptr, experts, tiles,
+                 tile_end, N, K, num_experts, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
+                 TOP_K, EPILOGUE, GATHER_A, EVEN_K, INDEX_64, USE_TMA, B_TRANSPOSED, UPCAST, DOT_PRECISION,
+                 BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -514,15 +613,27 @@ def _grouped_mm(role: str, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor
     if epilogue == SWIGLU:
         N //= 2
     out = torch.empty(num_rows, 2 * N if epilogue == DSWIGLU else N, dtype=a.dtype, device=a.device)
-    grid = lambda meta: ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _set_tma_allocator(a.device)
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = (triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, _num_sms(a.device)) if meta.get("USE_TMA") else tiles,)
+
     _TUNED_MM[role][grid](
         a, b, out, out if h is None else h, out if act_out is None else act_out,
         order, offsets, num_rows, N, K, num_experts,
         a.stride(0), a.stride(1), stride_be, stride_bk, stride_bn,
-        TOP_K=top_k, EPILOGUE=epilogue, GATHER_A=gather, E_PAD=triton.next_power_of_2(num_experts),
-        INDEX_64=_needs_64bit_offsets(a, b, out), **_dot_flags(a.dtype),
+        TOP_K=top_k, EPILOGUE=epilogue, GATHER_A=gather, B_TRANSPOSED=transpose_b,
+        E_PAD=triton.next_power_of_2(num_experts), INDEX_64=_needs_64bit_offsets(a, b, out), **_dot_flags(a.dtype),
     )
     return out
+
+
+@functools.cache
+def _set_tma_allocator(device: torch.device) -> None:
+    """Give Triton the scratch allocator that device-side TMA descriptors need (once, on CUDA)."""
+    if device.type == "cuda":
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
 def gate_up(x: torch.Tensor, w13: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,

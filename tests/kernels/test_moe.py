@@ -118,28 +118,81 @@ def test_moe_rejects_bad_shapes(case: str, impl: Callable[..., torch.Tensor]) ->
 
 
 ROLES = ("gate_up", "down", "down_dgrad", "gate_up_dgrad", "w13_grad", "w2_grad")
+MM_ROLES = ROLES[:4]
+
+
+def _tiles(configs: list, variant: str | None = None) -> list[tuple[int, ...]]:
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in configs if variant is None or moe_mod._variant(c) == variant]
 
 
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("interpret", [False, True], ids=["gpu", "interpreter"])
-def test_moe_autotune_configs_follow_dtype(monkeypatch: pytest.MonkeyPatch, role: str, interpret: bool) -> None:
-    """Each GEMM role's configs are built without a GPU too; pruning keeps its 16-bit tiles for bf16/fp16
-    and the fp32 tiles for fp32 on a GPU, and the one small tile under the interpreter."""
+def test_moe_autotune_configs_follow_dtype_and_gpu(monkeypatch: pytest.MonkeyPatch, role: str, interpret: bool) -> None:
+    """Each GEMM role's configs are built without a GPU too. Pruning keeps, on Hopper, the role's 16-bit
+    tiles in both variants (pointer loads and TMA) for bf16/fp16 and the fp32 tiles for fp32; on Ampere
+    the pointer tiles that do not spill there; under the interpreter its one small tile."""
     monkeypatch.setattr(moe_mod, "INTERPRET", interpret)
     configs = moe_mod.role_configs(role)
-    fp32 = moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1)})
-    bf16 = moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1, dtype=torch.bfloat16)})
-    tiles = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-                        for c in cs]
+    args = lambda dtype: {"a_ptr": torch.empty(8, 8, dtype=dtype), "b_ptr": torch.empty(2, 8, 8, dtype=dtype)}
+    fp32 = moe_mod._keep_dtype_configs(configs, args(torch.float32))
+    bf16 = moe_mod._keep_dtype_configs(configs, args(torch.bfloat16))
     if interpret:
-        assert tiles(fp32) == tiles(bf16) == [moe_mod._INTERPRETER_TILE]
-    else:
-        assert tiles(fp32) == moe_mod._FP32_ROLE_TILES.get(role, moe_mod._FP32_TILES)
-        assert tiles(bf16) == moe_mod._ROLE_TILES[role]
-        assert all(t[2] == 64 and t[0] * t[1] >= 64 * 64 for t in tiles(bf16))
-        monkeypatch.setattr(moe_mod, "NO_GPU_CAPABILITY", (8, 0))  # an A100: no tile that spills there
-        ampere = tiles(moe_mod._keep_dtype_configs(configs, {"a_ptr": torch.empty(1, dtype=torch.bfloat16)}))
-        assert ampere == [t for t in moe_mod._ROLE_TILES[role] if t not in moe_mod._HOPPER_ONLY.get(role, ())]
+        assert _tiles(fp32) == _tiles(bf16) == [moe_mod._INTERPRETER_TILE] and _tiles(bf16, "pointer")
+        return
+    assert _tiles(fp32) == moe_mod._FP32_ROLE_TILES.get(role, moe_mod._FP32_TILES)
+    assert _tiles(bf16, "pointer") == moe_mod._ROLE_TILES[role]
+    assert _tiles(bf16, "tma") == (moe_mod._ROLE_TILES[role] if role in MM_ROLES else [])
+    assert all(t[2] == 64 and t[0] * t[1] >= 64 * 64 for t in _tiles(bf16))
+    monkeypatch.setattr(moe_mod, "NO_GPU_CAPABILITY", (8, 0))  # an A100: no TMA, no tile that spills there
+    ampere = moe_mod._keep_dtype_configs(configs, args(torch.bfloat16))
+    assert _tiles(ampere) == [t for t in moe_mod._ROLE_TILES[role] if t not in moe_mod._HOPPER_ONLY.get(role, ())]
+    assert not _tiles(ampere, "tma")
+
+
+def test_moe_tma_needs_aligned_operands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TMA descriptors need 16-byte aligned rows: a 12-column bf16 operand (24 B rows) keeps only pointer
+    tiles, except that a gathered A is read by pointers anyway and only B counts."""
+    monkeypatch.setattr(moe_mod, "INTERPRET", False)
+    configs = moe_mod.role_configs("gate_up")
+    bf16 = lambda *shape: torch.empty(shape, dtype=torch.bfloat16)
+    tma = lambda a, b, gather: _tiles(moe_mod._keep_dtype_configs(configs, {"a_ptr": a, "b_ptr": b},
+                                                                  GATHER_A=gather), "tma")
+    assert tma(bf16(8, 16), bf16(2, 16, 32), gather=False)
+    assert not tma(bf16(8, 12), bf16(2, 12, 32), gather=False)
+    assert tma(bf16(8, 12), bf16(2, 12, 32), gather=True)
+    assert not tma(bf16(8, 16), bf16(2, 16, 12), gather=True)
+
+
+@pytest.fixture
+def tma_variant(monkeypatch: pytest.MonkeyPatch):
+    """Run the grouped GEMMs' TMA variant under the interpreter, with 2 persistent programs (so each walks
+    several tiles); yields a check that every GEMM role really ran it."""
+    monkeypatch.setattr(moe_mod, "INTERPRETER_VARIANTS", ("tma",))
+    monkeypatch.setattr(moe_mod, "_num_sms", lambda device: 2)
+    for tuner in moe_mod._TUNED_MM.values():  # choices made for the pointer variant must not be reused
+        tuner.cache.clear()
+
+    def ran_tma() -> bool:
+        return all(tuner.cache and all(c.kwargs["USE_TMA"] for c in tuner.cache.values())
+                   for tuner in moe_mod._TUNED_MM.values())
+
+    yield ran_tma
+    for tuner in moe_mod._TUNED_MM.values():
+        tuner.cache.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d_model, d_ff", [(40, 24), (32, 32)], ids=["ragged-K", "even-K"])
+def test_moe_tma_variant(tma_variant, dtype: torch.dtype, d_model: int, d_ff: int) -> None:
+    _check(_inputs(37, 4, 2, d_model, d_ff, dtype))
+    assert tma_variant()
+
+
+def test_moe_tma_variant_empty_experts_and_one_expert(tma_variant) -> None:
+    _check(_inputs(9, 6, 2, 16, 24, torch.float32, ids=torch.tensor([[0, 2]] * 9, dtype=torch.int32)))
+    _check(_inputs(45, 4, 1, 16, 24, torch.float32, ids=torch.full((45, 1), 3, dtype=torch.int32)))
+    assert tma_variant()
 
 
 def _sorted_problem(tokens: int, experts: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
