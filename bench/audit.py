@@ -211,7 +211,7 @@ class Spec:
 
 def _label(params: list[str], constexprs: dict, options: dict) -> str:
     blocks = [f"{params[path[0]]}={value}" for path, value in constexprs.items()
-              if params[path[0]].startswith(("BLOCK", "GROUP", "SPLIT", "EVEN", "USE_"))]
+              if params[path[0]].startswith(("BLOCK", "GROUP", "SPLIT", "EVEN", "USE_", "PERMUTE"))]
     return " ".join(blocks + [f"w{options['num_warps']}", f"s{options['num_stages']}"])
 
 
@@ -245,6 +245,7 @@ class Row:
     tensor_cores: str = "-"  # wgmma, mma.sync, FMA (a dot on CUDA cores) or - (no dot)
     operands: str = ""  # the dot's operand dtype, e.g. bf16
     tma: bool = False
+    warp_specialized: bool = False  # producer/consumer warp groups with their own register budgets (setmaxnreg)
     load_bits: int = 0  # widest global load (ld.global or cp.async), in bits
     store_bits: int = 0
     loop_insts_per_mma: float | None = None  # GEMM main loop: SASS instructions per MMA instruction
@@ -318,6 +319,7 @@ def compile_spec(spec: Spec) -> Row:
     row.smem = compiled.metadata.shared
     ptx, ttir = compiled.asm["ptx"], compiled.asm["ttir"]
     row.tma = "cp.async.bulk.tensor" in ptx
+    row.warp_specialized = "setmaxnreg" in ptx
     row.load_bits, row.store_bits = widest(ptx, store=False), widest(ptx, store=True)
     if "tt.dot" in ttir:
         dots = re.findall(r"tt\.dot[^\n]*?tensor<\d+x\d+x(\w+)", ttir)
@@ -414,7 +416,8 @@ def _progress(rows: Iterator[Row], total: int) -> Iterator[Row]:
 
 
 COLUMNS = [("kernel", 26), ("role", 26), ("arch", 5), ("config", 58), ("cases", 22), ("regs", 4), ("spill", 5),
-           ("smem KB", 8), ("tc", 14), ("tma", 3), ("ld", 3), ("st", 3), ("inst/mma", 8), ("wg", 2), ("idiv", 4)]
+           ("smem KB", 8), ("tc", 14), ("tma", 3), ("ws", 3), ("ld", 3), ("st", 3), ("inst/mma", 8), ("wg", 2),
+           ("idiv", 4)]
 
 
 def _cells(row: Row) -> list[str]:
@@ -425,8 +428,8 @@ def _cells(row: Row) -> list[str]:
         return [row.kernel, row.role, row.arch, row.config, cases, "ERROR: " + row.error]
     return [row.kernel, row.role, row.arch, row.config, cases, str(row.regs), str(row.spill),
             f"{row.smem / 1024:.0f}/{row.smem_limit // 1024}", row.tensor_cores + (f"({row.operands})" if
-            row.operands else ""), "yes" if row.tma else "", str(row.load_bits), str(row.store_bits), per_mma, flight,
-            "yes" if row.loop_int_div else ""]
+            row.operands else ""), "yes" if row.tma else "", "yes" if row.warp_specialized else "", str(row.load_bits),
+            str(row.store_bits), per_mma, flight, "yes" if row.loop_int_div else ""]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -450,7 +453,9 @@ def summary(rows: list[Row], missing: list[str]) -> list[str]:
         max_smem = max((r.smem for r in of_arch), default=0) // 1024
         lines.append(f"{arch}: {len(of_arch)} variants, {len(spilling)} spill (max {max_spill} B), max smem "
                      f"{max_smem} KB; GEMMs: " + ", ".join(f"{n} {p}" for p, n in paths.items() if n)
-                     + f"; TMA in {sum(r.tma for r in of_arch)}; compile errors {sum(bool(r.error) for r in of_arch)}")
+                     + f"; TMA in {sum(r.tma for r in of_arch)}"
+                     + f", warp-specialized {sum(r.warp_specialized for r in of_arch)}"
+                     + f"; compile errors {sum(bool(r.error) for r in of_arch)}")
     failures = [f"{r.kernel} [{r.role}] {r.arch} {r.config} ({','.join(r.cases)}): {p}"
                 for r in rows for p in r.problems]
     failures += [f"{name}: no op launched it" for name in missing]

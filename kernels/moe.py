@@ -124,12 +124,13 @@ _TMA_ROLES = ("gate_up", "down", "down_dgrad", "gate_up_dgrad")  # the weight gr
 
 
 def _config(tile: tuple[int, int, int, int, int], kind: str, min_capability: tuple[int, int] = (8, 0),
-            tma: bool | None = None) -> triton.Config:
+            tma: bool | None = None, permute: bool = False) -> triton.Config:
     bm, bn, bk, warps, stages = tile
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
     if tma is not None:
         meta["USE_TMA"] = tma
-    config = triton.Config(meta, num_warps=warps, num_stages=stages)
+        meta["PERMUTE_A"] = permute
+    config = triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_permute_rows if permute else None)
     config.kind = kind  # "16-bit", "fp32" or "interpreter": which operands the config is for
     config.min_capability = (9, 0) if tma else min_capability  # the oldest GPU generation it suits
     return config
@@ -142,10 +143,20 @@ def role_configs(role: str) -> list[triton.Config]:
     hopper_only = _HOPPER_ONLY.get(role, set())
     variants = (False, True) if role in _TMA_ROLES else (None,)
     pointer = None if variants == (None,) else False
+    permuted = role == "gate_up"  # the one GEMM that gathers its A rows
     return ([_config(t, "16-bit", (9, 0) if t in hopper_only else (8, 0), tma) for tma in variants
              for t in _ROLE_TILES[role]]
+            + [_config(t, "16-bit", tma=True, permute=True) for t in _ROLE_TILES[role] if permuted]
             + [_config(t, "fp32", tma=pointer) for t in _FP32_ROLE_TILES.get(role, _FP32_TILES)]
-            + [_config(_INTERPRETER_TILE, "interpreter", tma=tma) for tma in variants])
+            + [_config(_INTERPRETER_TILE, "interpreter", tma=tma) for tma in variants]
+            + [_config(_INTERPRETER_TILE, "interpreter", tma=True, permute=True) for _ in range(permuted)])
+
+
+def _permute_rows(nargs: dict) -> None:
+    """Pre-hook of the permuted-A configs: x's token rows copied into expert-sorted order, once per launch
+    (the autotuner times it with the kernel, so the permute pays for itself or the config loses)."""
+    rows = nargs["order_ptr"].long() // nargs["TOP_K"]
+    torch.index_select(nargs["a_ptr"], 0, rows, out=nargs["a_sorted_ptr"])
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -161,7 +172,8 @@ def _keep_dtype_configs(configs: list[triton.Config], named_args: dict, **kwargs
     """
     a = named_args["a_ptr"]
     tma_ok = _tma_fits(named_args, kwargs)
-    fits = lambda c: tma_ok or not c.kwargs.get("USE_TMA", False)
+    permute_ok = "a_sorted_ptr" in named_args and named_args["a_sorted_ptr"] is not a  # a buffer was given
+    fits = lambda c: (tma_ok or not c.kwargs.get("USE_TMA", False)) and (permute_ok or _variant(c) != "tma-permuted")
     if INTERPRET:
         interpreted = [c for c in configs if c.kind == "interpreter"]
         wanted = [c for c in interpreted if _variant(c) in INTERPRETER_VARIANTS and fits(c)]
@@ -172,8 +184,10 @@ def _keep_dtype_configs(configs: list[triton.Config], named_args: dict, **kwargs
 
 
 def _variant(config: triton.Config) -> str:
-    """"tma" or "pointer": how a grouped-GEMM config reads its operands."""
-    return "tma" if config.kwargs.get("USE_TMA", False) else "pointer"
+    """"pointer", "tma" or "tma-permuted": how a grouped-GEMM config reads its operands."""
+    if not config.kwargs.get("USE_TMA", False):
+        return "pointer"
+    return "tma-permuted" if config.kwargs["PERMUTE_A"] else "tma"
 
 
 def _tma_fits(named_args: dict, kwargs: dict) -> bool:
@@ -181,6 +195,8 @@ def _tma_fits(named_args: dict, kwargs: dict) -> bool:
     a contiguous last dim (for A only when it is not gathered)."""
     a, b = named_args["a_ptr"], named_args["b_ptr"]
     tensors = [b] if kwargs.get("GATHER_A") else [a, b]
+    if kwargs.get("GATHER_A") and named_args.get("a_sorted_ptr") is not None:
+        tensors.append(named_args["a_sorted_ptr"])  # what the permuted variant reads by TMA
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]) for t in tensors)
 
@@ -364,6 +380,7 @@ def _mm_tile(
 @triton.jit
 def _grouped_mm_kernel(
     a_ptr,  # (S or T, K) left operand; sorted row s reads row order[s] // TOP_K when GATHER_A, else row s
+    a_sorted_ptr,  # (S, K) contiguous: A's gathered rows in sorted order, filled by a pre-hook under PERMUTE_A
     b_ptr,  # (E, K, *) right operand per expert, read through strides; (E, *, K) in memory when B_TRANSPOSED
     c_ptr,  # out, contiguous, sorted order: (S, N) for PLAIN and SWIGLU, (S, 2N) dgate|dup for DSWIGLU
     h_ptr,  # (S, 2N) pre-activations gate|up: written by SWIGLU, read by DSWIGLU, unused by PLAIN
@@ -387,6 +404,7 @@ def _grouped_mm_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no reduction mask in the main loop
     INDEX_64: tl.constexpr,  # an operand has 2^31 elements or more: 64-bit tile offsets
     USE_TMA: tl.constexpr,  # Hopper: persistent programs, B (and A unless gathered) through TMA descriptors
+    PERMUTE_A: tl.constexpr,  # with GATHER_A and USE_TMA: read a_sorted (A permuted once) by TMA instead of gathering
     UPCAST: tl.constexpr,  # widen tiles to fp32 before the dot (bf16 under the interpreter)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), "tf32" otherwise (no effect on 16-bit)
     BLOCK_M: tl.constexpr,  # sorted rows per tile; tiles never straddle two experts
@@ -422,7 +440,9 @@ def _grouped_mm_kernel(
         else:
             b_src = tl.make_tensor_descriptor(b_ptr, [num_experts, K, n_total], [stride_be, stride_bk, 1],
                                               [1, BLOCK_K, BLOCK_N])
-        if GATHER_A:
+        if PERMUTE_A:
+            a_src = tl.make_tensor_descriptor(a_sorted_ptr, [num_rows, K], [K, 1], [BLOCK_M, BLOCK_K])
+        elif GATHER_A:
             a_src = a_ptr
         else:
             a_src = tl.make_tensor_descriptor(a_ptr, [num_rows, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
@@ -431,8 +451,8 @@ def _grouped_mm_kernel(
             pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
             _mm_tile(pid_m, pid_n, a_src, b_src, c_ptr, h_ptr, act_ptr, order_ptr, offsets_ptr, experts, tiles,
                      tile_end, N, K, num_experts, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
-                     TOP_K, EPILOGUE, GATHER_A, EVEN_K, INDEX_64, USE_TMA, B_TRANSPOSED, UPCAST, DOT_PRECISION,
-                     BLOCK_M, BLOCK_N, BLOCK_K)
+                     TOP_K, EPILOGUE, GATHER_A and not PERMUTE_A, EVEN_K, INDEX_64, USE_TMA, B_TRANSPOSED, UPCAST,
+                     DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
         pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
@@ -598,11 +618,23 @@ def _needs_64bit_offsets(*tensors: torch.Tensor) -> bool:
     return any(t.numel() >= 2**31 for t in tensors)
 
 
+def _permuted_buffer(a: torch.Tensor, num_rows: int, gather: bool) -> torch.Tensor:
+    """(S, K) room for the permuted-A variant to copy a gathered A into, where that variant can run
+    (Hopper, or the interpreter when a test asks for it); otherwise `a` itself, which rules it out."""
+    possible = "tma-permuted" in INTERPRETER_VARIANTS if INTERPRET else _capability(a.device) >= (9, 0)
+    if not (gather and possible):
+        return a
+    return torch.empty(num_rows, a.shape[1], dtype=a.dtype, device=a.device)
+
+
 def _grouped_mm(role: str, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                 top_k: int, epilogue: tl.constexpr, gather: bool, transpose_b: bool, h: torch.Tensor | None = None,
                 act_out: torch.Tensor | None = None) -> torch.Tensor:
     """out[s] = epilogue(a[row(s)] @ b[expert(s)]) for sorted rows s (row(s) = order[s] // top_k when
-    `gather`); b is (E, K, N), or (E, N, K) read transposed. See the role launchers below."""
+    `gather`); b is (E, K, N), or (E, N, K) read transposed. See the role launchers below.
+
+    A gathered A also gets an (S, K) buffer on Hopper, for the variant that permutes it once and reads
+    it by TMA; the buffer lives for this call only."""
     epilogue = epilogue.value
     num_rows = order.numel()
     num_experts = b.shape[0]
@@ -620,7 +652,7 @@ def _grouped_mm(role: str, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor
         return (min(tiles, _num_sms(a.device)) if meta.get("USE_TMA") else tiles,)
 
     _TUNED_MM[role][grid](
-        a, b, out, out if h is None else h, out if act_out is None else act_out,
+        a, _permuted_buffer(a, num_rows, gather), b, out, out if h is None else h, out if act_out is None else act_out,
         order, offsets, num_rows, N, K, num_experts,
         a.stride(0), a.stride(1), stride_be, stride_bk, stride_bn,
         TOP_K=top_k, EPILOGUE=epilogue, GATHER_A=gather, B_TRANSPOSED=transpose_b,

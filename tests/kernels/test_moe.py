@@ -164,20 +164,23 @@ def test_moe_tma_needs_aligned_operands(monkeypatch: pytest.MonkeyPatch) -> None
     assert not tma(bf16(8, 16), bf16(2, 16, 12), gather=True)
 
 
-@pytest.fixture
-def tma_variant(monkeypatch: pytest.MonkeyPatch):
-    """Run the grouped GEMMs' TMA variant under the interpreter, with 2 persistent programs (so each walks
-    several tiles); yields a check that every GEMM role really ran it."""
-    monkeypatch.setattr(moe_mod, "INTERPRETER_VARIANTS", ("tma",))
+@pytest.fixture(params=["tma", "tma-permuted"])
+def tma_variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Run the grouped GEMMs' TMA variant under the interpreter (or, for gate_up, the one that permutes x
+    first), with 2 persistent programs so that each walks several tiles; yields a check that they ran."""
+    variant = request.param
+    monkeypatch.setattr(moe_mod, "INTERPRETER_VARIANTS", (variant,))
     monkeypatch.setattr(moe_mod, "_num_sms", lambda device: 2)
     for tuner in moe_mod._TUNED_MM.values():  # choices made for the pointer variant must not be reused
         tuner.cache.clear()
 
-    def ran_tma() -> bool:
-        return all(tuner.cache and all(c.kwargs["USE_TMA"] for c in tuner.cache.values())
-                   for tuner in moe_mod._TUNED_MM.values())
+    def ran() -> bool:
+        roles = MM_ROLES if variant == "tma" else ("gate_up",)  # only gate_up gathers, so only it permutes
+        return all(moe_mod._TUNED_MM[role].cache and all(moe_mod._variant(c) == variant
+                                                         for c in moe_mod._TUNED_MM[role].cache.values())
+                   for role in roles)
 
-    yield ran_tma
+    yield ran
     for tuner in moe_mod._TUNED_MM.values():
         tuner.cache.clear()
 
