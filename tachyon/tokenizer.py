@@ -80,7 +80,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path).expanduser()
     if not path.is_file():
         raise TachyonError(f"tokenizer file {path} not found; pass --tokenizer with a tokenizers JSON file "
-                           "(e.g. ../shared/data/pile_tokenizer.json)")
+                           "(e.g. the original pile_tokenizer.json)")
     try:
         backend = HFTokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises plain Exception subclasses with long messages

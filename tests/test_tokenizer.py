@@ -1,5 +1,6 @@
 """Tokenizer loading, the original pile tokenizer's round trip, vocab padding and the fit check."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import pytest
 from tachyon.errors import TachyonError
 from tachyon.tokenizer import check_fits, check_same_tokenizer, load_tokenizer, padded_vocab_size, train_bpe
 
-PILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pile_tokenizer.json"
+PILE_ENV = "TACHYON_PILE_TOKENIZER"  # path of the original pile_tokenizer.json, which is not in the repository
+PILE = Path(os.environ[PILE_ENV]).expanduser() if os.environ.get(PILE_ENV) else None
 SAMPLE = (
     "The quick brown fox jumps over the lazy dog.\n\n"
     "def f(x):\n\treturn x ** 2  # squares\n"
@@ -22,7 +24,7 @@ def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_bpe([SAMPLE * 3, "hello world " * 50], path, vocab_size=400)
 
 
-@pytest.mark.skipif(not PILE.is_file(), reason=f"original tokenizer not at {PILE}")
+@pytest.mark.skipif(PILE is None, reason=f"set {PILE_ENV} to the original pile_tokenizer.json to run this test")
 def test_original_tokenizer_round_trips_and_has_its_special_ids() -> None:
     tok = load_tokenizer(PILE)
     assert (tok.vocab_size, tok.eot_id, tok.pad_id) == (50000, 0, 1)
