@@ -536,7 +536,8 @@ def _moe_combine_kernel(
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j in range(TOP_K):
         s = tl.load(pos_ptr + token * TOP_K + j).to(tl.int64)
-        row = tl.load(y_ptr + s * D + cols, mask=ok & (s >= 0), other=0.0).to(tl.float32)
+        routed = (s + tl.zeros((BLOCK_D,), dtype=tl.int64)) >= 0  # as a block: triton 3.9's interpreter masks no scalar
+        row = tl.load(y_ptr + s * D + cols, mask=ok & routed, other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
             row *= tl.load(weights_ptr + token * TOP_K + j).to(tl.float32)
         acc += row
@@ -564,7 +565,7 @@ def _moe_combine_bwd_kernel(
     dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        ok = (cols < D) & (s >= 0)
+        ok = (cols < D) & ((s + tl.zeros((BLOCK_D,), dtype=tl.int64)) >= 0)  # a block mask (see _moe_combine_kernel)
         g = tl.load(dout_ptr + token * D + cols, mask=ok, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + s * D + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(dy_ptr + s * D + cols, (w * g).to(dy_ptr.dtype.element_ty), mask=ok)
