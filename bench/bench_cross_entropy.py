@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bench.harness import sync, time_fn
+from bench.harness import bench, pick_shape, run_benchmark, shape_indices, sync
 from kernels import cross_entropy as ce_mod
 
 GPU_SHAPES = [(65536, 512, 50258, torch.bfloat16), (16384, 768, 50258, torch.bfloat16)]  # (tokens, d, V, dtype)
@@ -45,20 +45,12 @@ def _peak_extra_gb(run: Callable[[], None], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 1e9
 
 
-@pytest.fixture(params=[0, 1])
-def shape(request: pytest.FixtureRequest, on_gpu: bool) -> tuple[int, int, int, torch.dtype]:
-    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
-    if request.param >= len(shapes):
-        pytest.skip("GPU-only shape")
-    return shapes[request.param]
-
-
 @pytest.mark.parametrize("impl", IMPLS)
-def test_linear_cross_entropy(benchmark, record, device: str, on_gpu: bool,
-                              shape: tuple[int, int, int, torch.dtype], impl: str) -> None:
+@pytest.mark.parametrize("index", shape_indices(GPU_SHAPES, CPU_SHAPES))
+def test_linear_cross_entropy(benchmark, record, device: str, on_gpu: bool, index: int, impl: str) -> None:
+    tokens, dim, vocab, dtype = pick_shape(GPU_SHAPES, CPU_SHAPES, index, on_gpu)
     if impl == "compiled" and not on_gpu:
         pytest.skip("torch.compile takes ~20 s on the CPU: GPU only")
-    tokens, dim, vocab, dtype = shape
     x = (torch.randn(tokens, dim, device=device) * 2).to(dtype).requires_grad_(True)
     w = (torch.randn(vocab, dim, device=device) / dim**0.5).to(dtype).requires_grad_(True)
     t = torch.randint(0, vocab, (tokens,), device=device)
@@ -66,14 +58,9 @@ def test_linear_cross_entropy(benchmark, record, device: str, on_gpu: bool,
     fn = {"triton": ce_mod.linear_cross_entropy, "reference": ce_mod.linear_cross_entropy_reference,
           "compiled": torch.compile(ce_mod.linear_cross_entropy_reference)}[impl]
     run = _step(fn, x, w, t)
-    seconds = time_fn(run, device, warmup=3 if on_gpu else 1, iters=20 if on_gpu else 1)
+    timing = bench(run, device)
     extra_gb = _peak_extra_gb(run, device)
     record(op="linear_cross_entropy", impl=impl, **{"pass": "fwd+bwd"}, shape=f"N={tokens},d={dim},V={vocab}",
-           dtype=str(dtype).removeprefix("torch."), ms=seconds * 1e3, tflops=6 * tokens * dim * vocab / seconds / 1e12,
-           peak_extra_gb=extra_gb)
-
-    def timed() -> None:
-        run()
-        sync(device)
-
-    benchmark.pedantic(timed, rounds=10 if on_gpu else 1, iterations=1)
+           dtype=str(dtype).removeprefix("torch."), **timing.fields(),
+           tflops=6 * tokens * dim * vocab / timing.median_s / 1e12, peak_extra_gb=extra_gb)
+    run_benchmark(benchmark, run, device, on_gpu, gpu_rounds=10)

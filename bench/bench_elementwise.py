@@ -4,8 +4,9 @@ Each op runs forward and forward + backward as Triton, the eager reference, torc
 reference and Liger-Kernel's equivalent (when `liger_kernel` imports; Liger has no fused QK-norm +
 RoPE, so its case chains LigerRMSNorm and liger_rotary_pos_emb). Every record carries the achieved
 bandwidth, counted as the bytes an ideal fused kernel reads and writes, and its ratio to the
-device's measured copy bandwidth. On the CPU the shapes are tiny smoke sizes and the compiled and
-Liger cases are skipped, so the harness keeps running in the normal suite.
+device's copy bandwidth measured at that same byte count and timed the same way. On the CPU the
+shapes are tiny smoke sizes and the compiled and Liger cases are skipped, so the harness keeps
+running in the normal suite.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from bench.harness import copy_bandwidth_gbps, sync, time_fn
+from bench.harness import bench, copy_bandwidth_gbps, pick_shape, run_benchmark, shape_indices
 
 rmsnorm = importlib.import_module("kernels.rmsnorm")
 rope = importlib.import_module("kernels.rope")
@@ -181,8 +182,8 @@ def _runner(fn: Callable, case: Case, pass_: str) -> Callable[[], None]:
 
 
 def _all_shapes() -> Sequence[tuple[str, int]]:
-    """(op, index) for the longest shape list, so parametrisation does not depend on the device."""
-    return [(op, i) for op in OPS for i in range(max(len(GPU_SHAPES[op]), len(CPU_SHAPES[op])))]
+    """(op, index) over each op's longer shape list, so parametrisation does not depend on the device."""
+    return [(op, i) for op in OPS for i in shape_indices(GPU_SHAPES[op], CPU_SHAPES[op])]
 
 
 @pytest.mark.parametrize("pass_", PASSES)
@@ -190,20 +191,14 @@ def _all_shapes() -> Sequence[tuple[str, int]]:
 @pytest.mark.parametrize("op, index", _all_shapes(), ids=lambda v: str(v))
 def test_elementwise(benchmark, record, device: str, on_gpu: bool, op: str, index: int, impl: str,
                      pass_: str) -> None:
-    shapes = (GPU_SHAPES if on_gpu else CPU_SHAPES)[op]
-    if index >= len(shapes):
-        pytest.skip("GPU-only shape")
+    shape = pick_shape(GPU_SHAPES[op], CPU_SHAPES[op], index, on_gpu)
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    case = OPS[op][0](shapes[index], dtype, device)
+    case = OPS[op][0](shape, dtype, device)
     run = _runner(_implementation(op, impl, on_gpu), case, pass_)
-    seconds = time_fn(run, device, warmup=5 if on_gpu else 0, iters=50 if on_gpu else 1)
+    timing = bench(run, device)
     nbytes = case.fwd_bytes + (case.bwd_bytes if pass_ == "fwd+bwd" else 0)
-    gbps = nbytes / seconds / 1e9
+    gbps = nbytes / timing.median_s / 1e9
+    copy_gbps = copy_bandwidth_gbps(device, nbytes)
     record(op=op, impl=impl, **{"pass": pass_}, shape=case.label, dtype=str(dtype).removeprefix("torch."),
-           ms=seconds * 1e3, gbps=gbps, copy_ratio=gbps / copy_bandwidth_gbps(device))
-
-    def timed() -> None:
-        run()
-        sync(device)
-
-    benchmark.pedantic(timed, rounds=20 if on_gpu else 1, iterations=1)
+           **timing.fields(), gbps=gbps, copy_gbps=copy_gbps, copy_ratio=gbps / copy_gbps)
+    run_benchmark(benchmark, run, device, on_gpu, gpu_rounds=20)

@@ -1,7 +1,8 @@
 """Decode throughput for nano: KV-cached generation vs a full forward over the prefix per token.
 
 Both generate 512 tokens greedily after an 8-token prompt (nano's context is stretched to 520
-so they fit). The cached run is timed whole. The uncached baseline's cost per token depends
+so they fit). The cached run is timed whole, by bench.harness.bench with one repetition (on a
+GPU after one untimed run). The uncached baseline's cost per token depends
 only on the prefix length, so by default it times a full forward at every STRIDE-th length and
 scales by STRIDE (same total work, ~1/8 of the wall time, keeping the file under a minute on a
 2-core CPU); TACHYON_BENCH_UNCACHED_STRIDE=1 runs every step exactly. pytest-benchmark's table
@@ -12,12 +13,11 @@ holds the 512-token seconds, tokens/s and the cached/uncached ratio.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 
-from bench.harness import sync
+from bench.harness import bench
 from tachyon.config import PRESETS
 from tachyon.generate import generate_ids
 from tachyon.model import TachyonLM
@@ -41,26 +41,21 @@ def _prompt(device: str) -> torch.Tensor:
 
 def _cached_decode_seconds(model: TachyonLM, device: str) -> float:
     """Seconds for NEW_TOKENS greedy steps of KV-cached generation (timed here, so --benchmark-disable works)."""
-    sync(device)
-    start = time.perf_counter()
-    count = sum(1 for _ in generate_ids(model, _prompt(device), NEW_TOKENS, temperature=0))
-    sync(device)
-    assert count == NEW_TOKENS
-    return time.perf_counter() - start
+
+    def decode() -> None:
+        count = sum(1 for _ in generate_ids(model, _prompt(device), NEW_TOKENS, temperature=0))
+        assert count == NEW_TOKENS
+
+    return bench(decode, device, reps=1).median_s
 
 
 @torch.no_grad()
 def _uncached_decode_seconds(model: TachyonLM, device: str) -> float:
     """Seconds for NEW_TOKENS greedy steps that each run a full forward over the whole sequence."""
     seq = torch.randint(2, model.config.vocab_size, (1, PROMPT_LEN + NEW_TOKENS), device=device)
-    seconds = 0.0
-    for step in range(0, NEW_TOKENS, STRIDE):
-        sync(device)
-        start = time.perf_counter()
-        model(seq[:, : PROMPT_LEN + step]).logits[:, -1].argmax(-1)
-        sync(device)
-        seconds += (time.perf_counter() - start) * STRIDE
-    return seconds
+    forward = lambda length: lambda: model(seq[:, :length]).logits[:, -1].argmax(-1)
+    return sum(bench(forward(PROMPT_LEN + step), device, reps=1).median_s * STRIDE
+               for step in range(0, NEW_TOKENS, STRIDE))
 
 
 @pytest.mark.parametrize("mode", ["cached", "uncached"])

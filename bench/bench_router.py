@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bench.harness import sync, time_fn
+from bench.harness import bench, pick_shape, run_benchmark, shape_indices
 from kernels import router as router_mod
 
 GPU_SHAPES = [(16384, 8, 2), (65536, 8, 2), (65536, 4, 2), (65536, 128, 8)]  # (tokens, experts, top-k)
@@ -25,29 +25,15 @@ def _step(fn: Callable, logits: torch.Tensor, k: int) -> Callable[[], None]:
     return run
 
 
-@pytest.fixture(params=[0, 1, 2, 3])
-def shape(request: pytest.FixtureRequest, on_gpu: bool) -> tuple[int, int, int]:
-    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
-    if request.param >= len(shapes):
-        pytest.skip("GPU-only shape")
-    return shapes[request.param]
-
-
-def test_router_topk(benchmark, record, device: str, on_gpu: bool, shape: tuple[int, int, int]) -> None:
-    tokens, experts, k = shape
+@pytest.mark.parametrize("index", shape_indices(GPU_SHAPES, CPU_SHAPES))
+def test_router_topk(benchmark, record, device: str, on_gpu: bool, index: int) -> None:
+    tokens, experts, k = pick_shape(GPU_SHAPES, CPU_SHAPES, index, on_gpu)
     logits = torch.randn(tokens, experts, device=device, requires_grad=True)
     fused = _step(router_mod.router_topk, logits, k)
     eager = _step(router_mod.router_topk_reference, logits, k)
-    iters = 50 if on_gpu else 1
-    fused_s = time_fn(fused, device, warmup=3 if on_gpu else 0, iters=iters)
-    eager_s = time_fn(eager, device, warmup=3 if on_gpu else 0, iters=iters)
+    fused_t, eager_t = bench(fused, device), bench(eager, device)
     label = f"T={tokens},E={experts},k={k}"
-    record(op="router_topk_fwd_bwd", impl="triton", shape=label, ms=fused_s * 1e3)
-    record(op="router_topk_fwd_bwd", impl="reference", shape=label, ms=eager_s * 1e3,
-           triton_speedup=eager_s / fused_s)
-
-    def timed() -> None:
-        fused()
-        sync(device)
-
-    benchmark.pedantic(timed, rounds=20 if on_gpu else 1, iterations=1)
+    record(op="router_topk_fwd_bwd", impl="triton", shape=label, **fused_t.fields())
+    record(op="router_topk_fwd_bwd", impl="reference", shape=label, **eager_t.fields(),
+           triton_speedup=eager_t.median_s / fused_t.median_s)
+    run_benchmark(benchmark, fused, device, on_gpu, gpu_rounds=20)

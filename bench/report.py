@@ -3,9 +3,12 @@
 Reads end-to-end throughput files (written by `python -m bench.throughput`) and micro-benchmark
 files (written by `pytest bench/`), keeps the newest result of each configuration, and prints a
 markdown section: a throughput table (preset, kernels, compile, tokens/s, MFU, memory, device,
-commit), a table of fused-kernel speedups over the PyTorch reference, and the commits and devices
-that produced them. It draws the speedups (micro and end to end) as a PNG bar chart, and with
-`--readme` rewrites the text between the perf markers of the README in place.
+commit), a table of fused-kernel speedups over the PyTorch reference (median and min times), a
+table of the grouped GEMM's TFLOP/s per role against dense matmul and torch._grouped_mm with the
+best config of each variant the autotuner tried, and the commits and devices that produced them.
+Files from before the per-role GEMM records (grouped_gemm_up/down, no min time) still read. It
+draws the speedups (micro and end to end) as a PNG bar chart, and with `--readme` rewrites the text
+between the perf markers of the README in place.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ END_MARKER = "<!-- perf:end -->"
 PRESET_ORDER = ("nano", "tiny", "small", "medium", "large")
 IMPL_ORDER = ("triton", "reference")  # columns first; any other impl (e.g. compiled) follows
 BASELINES = ("reference", "dense_matmul")  # what a speedup is measured against, first one present
+GEMM_OP, GEMM_CONFIG_OP = "grouped_gemm", "grouped_gemm_config"  # bench_moe's per-role records
+ROLE_ORDER = ("gate_up", "down", "down_dgrad", "gate_up_dgrad", "w13_grad", "w2_grad")
 
 
 @dataclass
@@ -36,6 +41,8 @@ class Results:
     throughput: list[dict[str, Any]] = field(default_factory=list)
     micro: list[dict[str, Any]] = field(default_factory=list)
     decode: list[dict[str, Any]] = field(default_factory=list)  # generation tokens/s (bench_generate)
+    gemm: list[dict[str, Any]] = field(default_factory=list)  # grouped GEMM per role: triton and baselines
+    gemm_configs: list[dict[str, Any]] = field(default_factory=list)  # every autotune candidate's time
     skipped: list[str] = field(default_factory=list)  # files that could not be read, with the reason
 
 
@@ -56,7 +63,12 @@ def load_results(results_dir: Path) -> Results:
             if not isinstance(record, dict):
                 continue
             row = {**record, **meta}
-            if "op" in record:  # a micro-benchmark: timed per call, or a decode rate
+            if record.get("op") == GEMM_CONFIG_OP:
+                results.gemm_configs.append(row)
+            elif record.get("op") == GEMM_OP:
+                if "ms" in record:  # not a baseline that could not run
+                    results.gemm.append(row)
+            elif "op" in record:  # a micro-benchmark: timed per call, or a decode rate
                 if "ms" in record:
                     results.micro.append(row)
                 elif "tokens_per_s" in record:
@@ -146,14 +158,97 @@ def micro_speedups(groups: list[dict[str, Any]]) -> list[tuple[str, float]]:
     return pairs
 
 
+GEMM_KEY = ("device", "shape", "role", "dtype")
+
+
+def _shape_rank(shape: str) -> tuple[int, int, str]:
+    """Sort key of a bench_moe shape label "preset,T=tokens,...": preset order, then tokens."""
+    parts = shape.split(",")
+    tokens = next((int(p[2:]) for p in parts if p.startswith("T=") and p[2:].isdigit()), 0)
+    return _preset_rank(parts[0]), tokens, shape
+
+
+def _role_rank(role: str) -> tuple[int, str]:
+    return (ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER), role)
+
+
+def gemm_rows(results: Results) -> list[dict[str, Any]]:
+    """Per (device, shape, role, dtype) measured with Triton: the newest record of each impl, and the
+    candidate configs timed in the same file as that Triton record."""
+    newest = _newest(results.gemm, (*GEMM_KEY, "impl"))
+    groups: dict[tuple, dict[str, Any]] = {}
+    for row in newest.values():
+        key = tuple(str(row.get(f)) for f in GEMM_KEY)
+        groups.setdefault(key, {"impls": {}, "configs": []})["impls"][str(row.get("impl"))] = row
+    groups = {key: group for key, group in groups.items() if "triton" in group["impls"]}
+    for config in results.gemm_configs:
+        group = groups.get(tuple(str(config.get(f)) for f in GEMM_KEY))
+        if group is not None and config["file"] == group["impls"]["triton"]["file"]:
+            group["configs"].append(config)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], _shape_rank(k[1]), _role_rank(k[2]), k[3]))]
+
+
+def best_by_variant(configs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The fastest candidate config of each variant (pointer, tma, ...) that ran."""
+    best: dict[str, dict[str, Any]] = {}
+    for config in configs:
+        variant = str(config.get("variant"))
+        if config.get("tflops") is not None and (variant not in best or config["tflops"] > best[variant]["tflops"]):
+            best[variant] = config
+    return best
+
+
+def _tflops_and_fraction(impls: dict[str, dict[str, Any]], baseline: str) -> list[str]:
+    """[baseline TFLOP/s, Triton's throughput as a fraction of it] for one role row."""
+    if baseline not in impls or not impls[baseline].get("tflops"):
+        return ["-", "-"]
+    base = impls[baseline]["tflops"]
+    return [f"{base:.1f}", f"{impls['triton']['tflops'] / base:.2f}"]
+
+
+def render_gemm(gemm: list[dict[str, Any]]) -> list[str]:
+    """The grouped-GEMM section: per role, Triton's winner against dense matmul and torch._grouped_mm,
+    and the best candidate of each variant the autotuner tried."""
+    variants = sorted({v for g in gemm for v in best_by_variant(g["configs"])}, key=lambda v: (v != "pointer", v))
+    header = ["shape", "role", "dtype", "Triton ms", "Triton TFLOP/s", "winner", "dense TFLOP/s", "of dense",
+              "_grouped_mm TFLOP/s", "of _grouped_mm", *(f"best {v} TFLOP/s" for v in variants), "device", "commit"]
+    lines = ["### Grouped GEMM by role", "",
+             "Each GEMM role of the MoE layer alone: Triton's autotuned winner (median time per call, the "
+             "fastest in brackets, L2 flushed before each call) against one dense `torch.matmul` with the same "
+             "FLOPs and `torch._grouped_mm` on the same groups (which fuses no SwiGLU epilogue). \"of\" columns are "
+             "Triton's throughput over the baseline's (targets: 0.85 of dense at small and large, 0.75 at tiny, "
+             "1.0 of `_grouped_mm`). The best-variant columns are the autotuner's own timings of its candidates "
+             "(`pointer`: cp.async loads; `tma`: persistent with TMA descriptors).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in gemm:
+        impls, triton = group["impls"], group["impls"]["triton"]
+        best = best_by_variant(group["configs"])
+        cells = [str(triton.get("shape")), str(triton.get("role")), str(triton.get("dtype", "-")), _ms(triton),
+                 _fmt(triton.get("tflops"), ".1f"), f"{triton.get('variant', '?')} {triton.get('config', '')}".strip(),
+                 *_tflops_and_fraction(impls, "dense_matmul"), *_tflops_and_fraction(impls, "torch_grouped_mm"),
+                 *(f"{best[v]['tflops']:.1f}" if v in best else "-" for v in variants), triton["device"],
+                 f"`{triton['commit']}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _fmt(value: Any, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _ms(record: dict[str, Any]) -> str:
+    """A record's median ms, with the fastest call's in brackets when it timed more than one."""
+    median = _fmt(record.get("ms"), ".3f")
+    if record.get("ms_min") is None or record.get("reps") == 1:
+        return median
+    return f"{median} ({record['ms_min']:.3f})"
+
+
 def _rate(record: dict[str, Any] | None) -> str:
-    """A micro record's achieved bandwidth or arithmetic rate, whichever it has."""
+    """A micro record's achieved bandwidth (with its fraction of copy bandwidth) or arithmetic rate."""
     if record and record.get("gbps") is not None:
-        return f"{record['gbps']:,.0f} GB/s"
+        ratio = record.get("copy_ratio")
+        return f"{record['gbps']:,.0f} GB/s" + ("" if ratio is None else f" ({100 * ratio:.0f}% of copy)")
     if record and record.get("tflops") is not None:
         return f"{record['tflops']:.1f} TFLOP/s"
     return "-"
@@ -168,7 +263,7 @@ def _commits_and_devices(rows: Iterable[dict[str, Any]]) -> tuple[str, str]:
 
 def render_markdown(results: Results, chart_link: str | None) -> str:
     """The performance section as markdown (no markers)."""
-    if not results.throughput and not results.micro and not results.decode:
+    if not results.throughput and not results.micro and not results.decode and not results.gemm:
         return ("No benchmark results yet. Measure on a GPU with `python -m bench.throughput --preset tiny` "
                 "and `pytest bench/`, then regenerate this section with `python -m bench.report --readme README.md`.")
     lines: list[str] = []
@@ -199,12 +294,14 @@ def render_markdown(results: Results, chart_link: str | None) -> str:
         header = ["op", "pass", "shape", "dtype", *(f"{i} ms" for i in impls), "speedup", "triton rate", "device",
                   "commit"]
         lines += ["### Fused kernels against the PyTorch reference", "",
-                  "Median time per call; speedup is reference time over Triton time (for the grouped GEMM: "
-                  "dense cuBLAS time for the same FLOPs over Triton time).", "",
+                  "Median time per call in ms, the fastest call in brackets (timed with an L2 flush before each "
+                  "call); speedup is reference time over Triton time (for the older grouped-GEMM records: dense "
+                  "cuBLAS time for the same FLOPs over Triton time). Bandwidth counts the bytes an ideal fused "
+                  "kernel moves, against a device copy of the same byte count.", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for group in groups:
             row, by_impl = group["row"], group["impls"]
-            times = [_fmt(by_impl[i]["ms"], ".3f") if i in by_impl else "-" for i in impls]
+            times = [_ms(by_impl[i]) if i in by_impl else "-" for i in impls]
             found = group_speedup(by_impl)
             speedup = f"{found[1]:.2f}x" if found else "-"
             commit = (by_impl.get("triton") or row)["commit"]
@@ -213,13 +310,17 @@ def render_markdown(results: Results, chart_link: str | None) -> str:
                      f"`{commit}`"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    gemm = gemm_rows(results)
+    if gemm:
+        lines += render_gemm(gemm)
     decode = list(_newest(results.decode, ("device", "op", "impl", "shape")).values())
     if decode:
         lines += ["### Generation", "", "| impl | shape | tokens/s | device | commit |", "|---|---|---|---|---|"]
         lines += [f"| {r.get('impl')} | {r.get('shape')} | {r['tokens_per_s']:,.1f} | {r['device']} | `{r['commit']}` |"
                   for r in sorted(decode, key=lambda r: (r["device"], str(r.get("impl"))))]
         lines.append("")
-    commits, devices = _commits_and_devices([*rows, *(g["row"] for g in groups), *decode])
+    commits, devices = _commits_and_devices([*rows, *(g["row"] for g in groups), *decode,
+                                             *(g["impls"]["triton"] for g in gemm)])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     lines.append(f"Measured at commit(s) {commits} on {devices}; generated {stamp} by "
                  "`python -m bench.report --readme README.md` from `bench/results/*.json`.")
