@@ -744,9 +744,14 @@ def _combine(rows: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None
     block_d = min(1024, triton.next_power_of_2(width))
     _moe_combine_kernel[(num_tokens, triton.cdiv(width, block_d))](
         rows, pos, rows if weights is None else weights, out, width, top_k,
-        HAS_WEIGHTS=weights is not None, BLOCK_D=block_d,
+        HAS_WEIGHTS=weights is not None, BLOCK_D=block_d, num_warps=_row_warps(block_d, rows.element_size()),
     )
     return out
+
+
+def _row_warps(block_d: int, itemsize: int) -> int:
+    """Warps for one row of block_d elements so that each thread moves 16 bytes (128-bit accesses)."""
+    return max(1, min(8, block_d * itemsize // (32 * 16)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -797,8 +802,9 @@ def _moe_experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tens
     dout = dout.to(x.dtype).contiguous()
     dy = torch.empty_like(y)
     dweights = torch.empty(num_tokens, top_k, dtype=weights.dtype, device=weights.device)
+    block_d = min(1024, triton.next_power_of_2(width))
     _moe_combine_bwd_kernel[(num_rows,)](dout, y, pos, weights.contiguous(), dy, dweights, width, top_k,
-                                         BLOCK_D=min(1024, triton.next_power_of_2(width)))
+                                         BLOCK_D=block_d, num_warps=_row_warps(block_d, y.element_size()))
     w13c, w2c = w13.to(x.dtype), w2.to(x.dtype)
     act = torch.empty(num_rows, w2.shape[1], dtype=x.dtype, device=x.device)  # silu(gate) * up, filled below
     dh = down_dgrad(dy, w2c, order, offsets, h, act)
