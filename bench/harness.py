@@ -161,6 +161,20 @@ def bench(fn: Callable[[], Any], device: torch.device | str, reps: int | None = 
     return Timing(min_s=min(times), median_s=statistics.median(times), reps=len(times))
 
 
+def run_benchmark(benchmark: Any, fn: Callable[[], Any], device: torch.device | str, on_gpu: bool,
+                  gpu_rounds: int) -> None:
+    """pytest-benchmark's own timing of fn (synchronised): gpu_rounds rounds on a GPU, one on the CPU.
+
+    It fills pytest-benchmark's table and serves its --benchmark-* options; the JSON records and the
+    numbers the report uses come from bench(), which flushes L2 and reports min and median."""
+
+    def timed() -> None:
+        fn()
+        sync(device)
+
+    benchmark.pedantic(timed, rounds=gpu_rounds if on_gpu else 1, iterations=1)
+
+
 @functools.cache
 def copy_bandwidth_gbps(device: str, nbytes: int) -> float:
     """Device-to-device copy bandwidth in GB/s when the copy moves `nbytes` (half read, half written).
@@ -219,16 +233,3 @@ def write_results(name: str, records: list[dict[str, Any]], extra: dict[str, Any
     os.replace(tmp, path)
     return path
 
-
-def run_benchmark(benchmark: Any, fn: Callable[[], Any], device: torch.device | str, on_gpu: bool,
-                  gpu_rounds: int) -> None:
-    """pytest-benchmark's own timing of fn (synchronised): gpu_rounds rounds on a GPU, one on the CPU.
-
-    It fills pytest-benchmark's table and serves its --benchmark-* options; the JSON records and the
-    numbers the report uses come from bench(), which flushes L2 and reports min and median."""
-
-    def timed() -> None:
-        fn()
-        sync(device)
-
-    benchmark.pedantic(timed, rounds=gpu_rounds if on_gpu else 1, iterations=1)

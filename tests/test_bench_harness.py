@@ -13,7 +13,7 @@ import torch
 import triton
 
 from bench import harness, report
-from bench.bench_moe import config_records, config_variant
+from bench.bench_moe import autotune_here, config_records, config_variant
 
 
 class FakeClock:
@@ -165,6 +165,29 @@ def test_autotuner_timings_become_one_record_per_config() -> None:
     alone = config_records(None, pointer, flops=4e12, winner_time=harness.Timing(1e-3, 2e-3, 7))
     assert [(r["winner"], r["timed_by"], r["ms"], r["reps"], r["tflops"]) for r in alone] == [
         (True, "harness", 2.0, 7, 2000.0)]
+
+
+class FakeTuner:
+    """What autotune_here uses of triton's Autotuner: its cache, and the timings it keeps after tuning."""
+
+    def __init__(self, candidates: int) -> None:
+        self.cache = {("N", "K"): "an earlier shape's choice"}
+        self.configs_timings = {"stale": [9.0, 9.0, 9.0]}
+        self.candidates = candidates
+
+    def run(self) -> None:
+        self.best_config = self.cache.get(("N", "K"), "chosen here")
+        if self.best_config == "chosen here" and self.candidates > 1:  # triton times only when it must choose
+            self.configs_timings = {"chosen here": [1.0, 0.9, 1.1], "other": [2.0, 1.9, 2.1]}
+        self.cache[("N", "K")] = self.best_config
+
+
+def test_autotune_here_retunes_and_drops_stale_timings() -> None:
+    tuner = FakeTuner(candidates=2)
+    timings, winner = autotune_here(tuner, tuner.run, "cpu")
+    assert (winner, sorted(timings)) == ("chosen here", ["chosen here", "other"])
+    single = FakeTuner(candidates=1)
+    assert autotune_here(single, single.run, "cpu") == (None, "chosen here")
 
 
 def _write(path: Path, created: str, records: list[dict]) -> None:
