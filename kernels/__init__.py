@@ -104,7 +104,10 @@ def router_topk(
 def moe_experts(
     x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
-    """Dropless routed-expert SwiGLU FFN: x (T, d), ids/weights (T, k), w13 (E, d, 2f), w2 (E, f, d)."""
+    """Dropless routed-expert SwiGLU FFN: x (T, d), ids/weights (T, k), w13 (E, d, 2f), w2 (E, f, d).
+
+    Under autocast x, w13 and w2 (the GEMM operands) are cast to its dtype; the router weights are not."""
+    x, w13, w2 = _autocast(x, w13, w2)
     if use_triton(x):
         return _moe.moe_experts(x, ids, weights, w13, w2)
     return moe_experts_reference(x, ids, weights, w13, w2)

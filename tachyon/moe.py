@@ -68,9 +68,5 @@ class MoE(nn.Module):
             logits = F.linear(flat.float(), self.router.weight.float())  # (N, E) in fp32
         weights, ids, counts, lse = kernels.router_topk(logits, self.top_k)  # (N, k), (N, k), (E,), (N,)
         stats = router_losses(logits, lse, counts, self.top_k, self.z_coef, self.balance_coef)
-        w13, w2 = self.w13, self.w2
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            flat, w13, w2 = flat.to(dtype), w13.to(dtype), w2.to(dtype)
-        routed = kernels.moe_experts(flat, ids, weights, w13, w2)  # (N, d)
+        routed = kernels.moe_experts(flat, ids, weights, self.w13, self.w2)  # (N, d); autocast casts the GEMM operands
         return routed.view(B, T, d) + self.shared(x), stats

@@ -21,6 +21,15 @@ def _as_tuple(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, .
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
+def _arg_grad(leaf: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    """The gradient of the argument `arg` that was built on `leaf`: leaf.grad itself, or for a strided view of
+    the leaf, the same view of leaf.grad laid out like the leaf (autograd may hand a leaf a slice of a larger
+    gradient, whose own strides must not be reused)."""
+    if arg is leaf:
+        return leaf.grad
+    return leaf.grad.contiguous().as_strided(arg.shape, arg.stride(), arg.storage_offset())
+
+
 def _run(fn: Callable, inputs: Sequence[torch.Tensor], grad_mask: Sequence[bool],
          dtype: torch.dtype | None, grad_outs: Sequence[torch.Tensor] | None):
     """Call fn on copies of `inputs` (floats cast to `dtype`), backprop grad_outs, return outputs + grads."""
@@ -42,10 +51,7 @@ def _run(fn: Callable, inputs: Sequence[torch.Tensor], grad_mask: Sequence[bool]
         diff_outs = [o for o in outs if o.is_floating_point() and o.requires_grad]
         gos = [g.to(o.dtype) for g, o in zip(grad_outs or (), diff_outs, strict=False)]
         torch.autograd.backward(diff_outs, gos)
-        grads = tuple(
-            leaf.grad.as_strided(arg.shape, arg.stride(), arg.storage_offset())
-            for (leaf, arg), needs in zip(leaves, grad_mask, strict=True) if needs
-        )
+        grads = tuple(_arg_grad(leaf, arg) for (leaf, arg), needs in zip(leaves, grad_mask, strict=True) if needs)
     return outs, grads
 
 

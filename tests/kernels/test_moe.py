@@ -328,3 +328,17 @@ def test_moe_layer_compiles_fullgraph_gpu() -> None:
     torch.testing.assert_close(out, eager)
     for got, want in zip(grads, eager_grads, strict=True):  # same kernels, so only reduction order may differ
         assert (got - want).norm() <= 2e-2 * want.norm()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_moe_autocast_casts_the_gemm_operands(backend: str) -> None:
+    """The one autocast rule (kernels/__init__.py): under autocast the op's GEMM operands (x, w13, w2) run in
+    the autocast dtype, as F.linear's would; the router weights keep theirs. Same for both backends."""
+    import kernels
+
+    x, ids, weights, w13, w2 = _inputs(7, 3, 2, 8, 8, torch.float32)
+    with kernels.use(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = kernels.moe_experts(x, ids, weights, w13, w2)
+    expected = moe_mod.moe_experts_reference(x.bfloat16(), ids, weights, w13.bfloat16(), w2.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
