@@ -179,7 +179,7 @@ def record_launches(presets: list[str], dtypes: list[torch.dtype], cap: int) -> 
 def all_kernels() -> set[str]:
     """Every `*_kernel` Triton function defined in kernels/ (device helpers are not launched alone)."""
     names = set()
-    for module in ("cross_entropy", "moe", "rmsnorm", "rope", "router", "swiglu"):
+    for module in ("cross_entropy", "glu", "moe", "rmsnorm", "rotary", "router"):
         for name, obj in vars(importlib.import_module(f"kernels.{module}")).items():
             if isinstance(obj, JITFunction) and name.endswith("_kernel"):
                 names.add(name)

@@ -21,8 +21,8 @@ import torch
 from bench.harness import bench, copy_bandwidth_gbps, pick_shape, run_benchmark, shape_indices
 
 rmsnorm = importlib.import_module("kernels.rmsnorm")
-rope = importlib.import_module("kernels.rope")
-swiglu = importlib.import_module("kernels.swiglu")
+rope = importlib.import_module("kernels.rotary")
+swiglu = importlib.import_module("kernels.glu")
 
 EPS = 1e-6
 IMPLS = ["triton", "reference", "compiled", "liger"]

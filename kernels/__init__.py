@@ -25,19 +25,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from . import cross_entropy as _cross_entropy  # noqa: E402
+from . import glu as _swiglu  # noqa: E402
 from . import moe as _moe  # noqa: E402
 from . import rmsnorm as _rmsnorm  # noqa: E402
-from . import rope as _rope  # noqa: E402
+from . import rotary as _rope  # noqa: E402
 from . import router as _router  # noqa: E402
-from . import swiglu as _swiglu  # noqa: E402
 from ._backend import BACKENDS, get_backend, set_backend, use, use_triton  # noqa: E402
 from .cross_entropy import linear_cross_entropy_reference  # noqa: E402
+from .glu import swiglu_reference  # noqa: E402
 from .modules import RMSNorm, SwiGLU  # noqa: E402
 from .moe import moe_experts_reference  # noqa: E402
 from .rmsnorm import rms_norm_reference  # noqa: E402
-from .rope import qk_norm_rope_reference, rope_reference  # noqa: E402
+from .rotary import qk_norm_rope_reference, rope_reference  # noqa: E402
 from .router import router_topk_reference  # noqa: E402
-from .swiglu import swiglu_reference  # noqa: E402
 
 
 def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

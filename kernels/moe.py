@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import INTERPRET
-from .swiglu import silu_mul, silu_mul_grad, swiglu_reference
+from .glu import silu_mul, silu_mul_grad, swiglu_reference
 
 
 def moe_experts_reference(

@@ -1,4 +1,4 @@
-"""kernels.rms_norm against its reference under the DESIGN.md correctness rule (output, dx and dw)."""
+"""kernels.rms_norm against its reference under the correctness rule of docs/design.md (output, dx and dw)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""kernels.rope and kernels.qk_norm_rope against their references under the DESIGN.md correctness rule.
+"""kernels.rope and kernels.qk_norm_rope against their references under the correctness rule of docs/design.md.
 
 q and k come in as the model makes them: strided views of one fused qkv projection. Also holds the
 one CPU torch.compile test of the three elementwise ops; the compiled model blocks are in
@@ -14,9 +14,9 @@ import torch
 
 from tests.kernels.correctness import DEVICE, check_against_truth
 
-rope = importlib.import_module("kernels.rope")
+rope = importlib.import_module("kernels.rotary")
 rmsnorm = importlib.import_module("kernels.rmsnorm")
-swiglu = importlib.import_module("kernels.swiglu")
+swiglu = importlib.import_module("kernels.glu")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-6

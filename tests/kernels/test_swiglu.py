@@ -1,4 +1,4 @@
-"""kernels.swiglu against its reference under the DESIGN.md correctness rule (output, d gate, d up)."""
+"""kernels.swiglu against its reference under the correctness rule of docs/design.md (output, d gate, d up)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from tests.kernels.correctness import DEVICE, check_against_truth
 
-swiglu = importlib.import_module("kernels.swiglu")
+swiglu = importlib.import_module("kernels.glu")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
