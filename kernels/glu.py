@@ -46,6 +46,14 @@ def _prune(configs, named_args, **meta):
     return kept[-1:] if INTERPRET else kept
 
 
+@triton.jit
+def _tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M, 1) int64 rows, (1, BLOCK_N) columns and their in-bounds mask."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    return rows, cols, (rows < n_rows) & (cols < n_cols)
+
+
 _TUNING = {"configs": _CONFIGS, "key": ["n_cols"], "prune_configs_by": {"early_config_prune": _prune}}
 
 
@@ -63,9 +71,7 @@ def _swiglu_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # columns per program
 ):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     y = silu_mul(g, u)
@@ -89,9 +95,7 @@ def _swiglu_bwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # columns per program
 ):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)

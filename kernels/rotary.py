@@ -90,12 +90,27 @@ def _rotate_heads(
     BLOCK_D2: tl.constexpr,  # power of two >= HALF
 ):
     """Rotate the n_heads heads of one token: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    x1, x2, h, d, mask = _load_halves(X, x_base, stride_xh, n_heads, HALF, BLOCK_H, BLOCK_D2)
+    _store_rotated(Y, y_base, h, d, mask, x1, x2, c, s, HALF)
+
+
+@triton.jit
+def _load_halves(X, x_base, stride_xh, n_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_D2: tl.constexpr):
+    """One token's heads as fp32 halves (x1, x2), each (BLOCK_H, BLOCK_D2), with their head and
+    column indices and mask."""
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D2)[None, :]
     mask = (h < n_heads) & (d < HALF)
     xp = X + x_base + h * stride_xh + d
     x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1, x2, h, d, mask
+
+
+@triton.jit
+def _store_rotated(Y, y_base, h, d, mask, x1, x2, c, s, HALF: tl.constexpr):
+    """Store the rotate-half rotation of (x1, x2) to one token's heads of the contiguous Y."""
     yp = Y + y_base + h * (2 * HALF) + d
     tl.store(yp, cast_out(x1 * c - x2 * s, Y.dtype.element_ty), mask=mask)
     tl.store(yp + HALF, cast_out(x2 * c + x1 * s, Y.dtype.element_ty), mask=mask)
@@ -151,18 +166,9 @@ def _norm_rotate_heads(
     BLOCK_D2: tl.constexpr,  # power of two >= HALF
 ):
     """RMSNorm each head over D in fp32, scale by the weight, rotate, store once."""
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D2)[None, :]
-    mask = (h < n_heads) & (d < HALF)
-    xp = X + x_base + h * stride_xh + d
-    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+    x1, x2, h, d, mask = _load_halves(X, x_base, stride_xh, n_heads, HALF, BLOCK_H, BLOCK_D2)
     rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
-    n1 = x1 * rstd * w1
-    n2 = x2 * rstd * w2
-    yp = Y + y_base + h * (2 * HALF) + d
-    tl.store(yp, cast_out(n1 * c - n2 * s, Y.dtype.element_ty), mask=mask)
-    tl.store(yp + HALF, cast_out(n2 * c + n1 * s, Y.dtype.element_ty), mask=mask)
+    _store_rotated(Y, y_base, h, d, mask, x1 * rstd * w1, x2 * rstd * w2, c, s, HALF)
 
 
 @triton.jit(do_not_specialize=["offset"])
