@@ -1,8 +1,11 @@
 """`python -m bench.throughput`: end-to-end training tokens/s and MFU of a preset, Triton kernels vs reference.
 
-Each run builds TachyonLM from a preset and times real training steps on synthetic random
-tokens: forward (bf16 autocast on CUDA, fp32 on the CPU), backward, gradient clipping and AdamW
-(fused on CUDA). Warm-up steps, which include torch.compile's compilation, are not timed.
+Each run builds the trainer's own `Trainer` (tachyon.trainer.build_trainer) for a preset and times
+`Trainer.train_step`, the very step `python -m tachyon.train` runs: the learning-rate schedule, forward
+(bf16 autocast on a CUDA GPU that has it, fp32 on the CPU), backward, gradient clipping, the AdamW update
+(fused on CUDA) unless the gradient is non-finite, and the logged metrics' device-side sums. Batches are
+synthetic random tokens, or real shards through the trainer's loader with `--data-dir`. Warm-up steps,
+which include torch.compile's compilation, are not timed.
 `--kernels both` measures the Triton and the reference backends in one process and prints the
 ratio; `--profile` adds a torch.profiler breakdown of one step; `--memory-test` finds the
 largest batch that fits on the GPU. Results go to bench/results/ as JSON (on the CPU only with
@@ -14,12 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
-import resource
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,9 @@ import kernels
 from bench.harness import environment, write_results
 from tachyon.config import PRESETS, ModelConfig, active_params, flops_per_token, get_preset, total_params
 from tachyon.errors import TachyonError, run_cli
-from tachyon.hardware import bf16_peak_flops, resolve_device
-from tachyon.model import TachyonLM
-from tachyon.optim import make_optimizer
+from tachyon.hardware import autocast_dtype, bf16_peak_flops, peak_memory_gb, resolve_device
+from tachyon.train import make_loaders, real_data_schedule
+from tachyon.trainer import Batch, StepSettings, Trainer, build_trainer
 
 # Defaults by device: the original's tiny run on a GPU, a seconds-long smoke size on the CPU.
 GPU_DEFAULTS = dict(batch_size=32, seq_len=2048, steps=20, warmup=5)
@@ -59,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, help="untimed steps first, compilation included (default 5 on CUDA, 1 on the CPU)")
     a("--gradient-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--seed", type=int, default=0, help="seed for the weights and the synthetic tokens")
+    a("--seed", type=int, default=0, help="seed for the weights, the synthetic tokens and the data order")
+    a("--data-dir", type=Path, help="time on these shard_*.npy files, read by the trainer's loader "
+      "(default: synthetic random tokens)")
     a("--profile", action="store_true", help="print a torch.profiler table of one step's top ops")
     a("--memory-test", action="store_true", help="find the largest batch size that fits (CUDA only)")
     a("--save", dest="save", action="store_true", default=None, help="write bench/results JSON (default on CUDA)")
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill device-dependent defaults and check the numbers."""
     args.device = resolve_device(args.device)
-    on_cuda = args.device.startswith("cuda")
+    on_cuda = args.device.type == "cuda"
     for key, value in (GPU_DEFAULTS if on_cuda else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -120,84 +124,54 @@ def _number(item: str, value: str) -> int | float:
     raise TachyonError(f"--set {item!r}: {value!r} is not a number")
 
 
-def peak_memory_gb(device: str) -> float:
-    """CUDA allocator peak since the last reset, or this process's peak RSS on the CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-class Trainer:
-    """A model, its optimizer and a few synthetic batches; `step()` runs one optimizer step."""
-
-    def __init__(self, config: ModelConfig, args: argparse.Namespace, batch_size: int) -> None:
-        torch.manual_seed(args.seed)
-        self.device = torch.device(args.device)
-        self.model = TachyonLM(config).to(self.device)
-        self.model.gradient_checkpointing = args.gradient_checkpointing
-        self.optimizer = make_optimizer(self.model, lr=3e-4, weight_decay=0.1)
-        self.step_model = torch.compile(self.model) if args.compile else self.model
-        on_cuda = self.device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else nullcontext
-        self.grad_accum = args.grad_accum
-        # Random tokens, never zeros: next-token targets of (batch, seq + 1) draws, kept on the device.
-        self.batches = []
-        for _ in range(SYNTHETIC_BATCHES):
-            seq = torch.randint(0, config.vocab_size, (batch_size, args.seq_len + 1), device=self.device)
-            self.batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
-        self.calls = 0
-        self.last_loss = torch.zeros((), device=self.device)
-
-    def step(self, mark: Callable[[str], None] | None = None) -> None:
-        """Forward + backward over grad_accum micro-batches, clip to norm 1, AdamW, zero the grads.
-
-        `mark(phase)` (for the profile's breakdown) is called as each phase ends.
-        """
-        for _ in range(self.grad_accum):
-            x, y = self.batches[self.calls % len(self.batches)]
-            self.calls += 1
-            with torch.profiler.record_function("forward"), self.autocast():
-                loss = self.step_model(x, y).loss / self.grad_accum
-            if mark:
-                mark("forward")
-            with torch.profiler.record_function("backward"):
-                loss.backward()
-            if mark:
-                mark("backward")
-            self.last_loss = loss.detach()
-        with torch.profiler.record_function("optimizer"):
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if mark:
-            mark("optimizer")
+def batch_source(config: ModelConfig, args: argparse.Namespace, batch_size: int) -> Iterator[Batch]:
+    """The batches to time: --data-dir through the trainer's own loader, else SYNTHETIC_BATCHES random batches
+    (never zeros) kept on the device and used in turn, drawn from --seed apart from the weights' RNG."""
+    if args.data_dir is not None:
+        loader, _ = make_loaders(args.data_dir, batch_size=batch_size, seq_len=args.seq_len, seed=args.seed,
+                                 vocab_size=config.vocab_size, device=args.device)
+        return loader
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = []
+    for _ in range(SYNTHETIC_BATCHES):
+        seq = torch.randint(0, config.vocab_size, (batch_size, args.seq_len + 1), generator=generator)
+        batches.append((seq[:, :-1].contiguous().to(args.device), seq[:, 1:].contiguous().to(args.device)))
+    return itertools.cycle(batches)
 
 
-def timed_steps(trainer: Trainer, steps: int, device: str) -> float:
-    """Seconds for `steps` optimizer steps: CUDA events around the whole loop (no per-step sync)."""
+def new_trainer(config: ModelConfig, args: argparse.Namespace, batch_size: int) -> Trainer:
+    """The trainer's own Trainer, built as `python -m tachyon.train` builds it for a real-data run with default
+    options (schedule, clipping, weight decay, autocast dtype), over `batch_source`'s batches."""
+    settings = StepSettings(real_data_schedule(), grad_accum=args.grad_accum, amp_dtype=autocast_dtype(args.device))
+    return build_trainer(config, batch_source(config, args, batch_size), args.device, settings, seed=args.seed,
+                         compile=args.compile, grad_ckpt=args.gradient_checkpointing)
+
+
+def timed_steps(trainer: Trainer, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls of `Trainer.train_step`: CUDA events around the whole loop (no per-step sync)."""
     sync(device)
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            trainer.step()
+            trainer.train_step()
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainer.step()
+        trainer.train_step()
     return time.perf_counter() - t0
 
 
-def phase_breakdown(trainer: Trainer, device: str) -> dict[str, float]:
+def phase_breakdown(trainer: Trainer, device: torch.device) -> dict[str, float]:
     """Milliseconds of one step spent in forward, backward and optimizer (CUDA events at phase ends)."""
-    on_cuda = device.startswith("cuda")
+    on_cuda = device.type == "cuda"
     stamps: list[tuple[str, Any]] = []
 
     def mark(phase: str) -> None:
@@ -210,7 +184,7 @@ def phase_breakdown(trainer: Trainer, device: str) -> dict[str, float]:
 
     sync(device)
     mark("start")
-    trainer.step(mark)
+    trainer.train_step(mark)
     sync(device)
     totals: dict[str, float] = {}
     for (_, before), (phase, after) in zip(stamps, stamps[1:], strict=False):
@@ -219,15 +193,15 @@ def phase_breakdown(trainer: Trainer, device: str) -> dict[str, float]:
     return totals
 
 
-def profile_step(trainer: Trainer, device: str, rows: int = 25) -> tuple[str, list[dict[str, Any]]]:
+def profile_step(trainer: Trainer, device: torch.device, rows: int = 25) -> tuple[str, list[dict[str, Any]]]:
     """A torch.profiler table of one (already warm) step's ops by self time, and its top rows as records."""
     from torch.profiler import ProfilerActivity, profile
 
-    on_cuda = device.startswith("cuda")
+    on_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     sync(device)
     with profile(activities=activities) as prof:
-        trainer.step()
+        trainer.train_step()
         sync(device)
     events = prof.key_averages()
     attr = "self_device_time_total" if on_cuda else "self_cpu_time_total"
@@ -242,19 +216,21 @@ def run_backend(config: ModelConfig, args: argparse.Namespace, backend: str) -> 
     if args.compile:
         torch._dynamo.reset()  # the backend is read at trace time: start each backend from a fresh cache
     gc.collect()  # the previous backend's model and optimizer must not count in this one's peak memory
-    if args.device.startswith("cuda"):
+    on_cuda = args.device.type == "cuda"
+    if on_cuda:
         torch.cuda.empty_cache()
     with kernels.use(backend):
-        trainer = Trainer(config, args, args.batch_size)
-        if args.device.startswith("cuda"):
+        trainer = new_trainer(config, args, args.batch_size)
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for _ in range(args.warmup):
-            trainer.step()
+            trainer.train_step()
         sync(args.device)
         warmup_s = time.perf_counter() - t0
+        trainer.stats.interval(args.grad_accum)  # the loss reported is the timed steps' mean
         seconds = timed_steps(trainer, args.steps, args.device)
-        loss = float(trainer.last_loss) * args.grad_accum
+        loss = trainer.stats.interval(args.grad_accum).loss
         memory = peak_memory_gb(args.device)
         if args.profile:
             breakdown = phase_breakdown(trainer, args.device)
@@ -264,14 +240,16 @@ def run_backend(config: ModelConfig, args: argparse.Namespace, backend: str) -> 
     device_name, peak = bf16_peak_flops(args.device)
     flops_tok = flops_per_token(config, args.seq_len)
     mfu = tokens_per_s * flops_tok / peak if peak else None
-    on_cuda = args.device.startswith("cuda")
+    amp = trainer.settings.amp_dtype
     record = {
         "preset": args.preset, "kernels": backend, "compile": args.compile, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "grad_accum": args.grad_accum, "steps": args.steps, "warmup": args.warmup,
-        "gradient_checkpointing": args.gradient_checkpointing, "dtype": "bf16-autocast" if on_cuda else "fp32",
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "dtype": f"{str(amp).removeprefix('torch.').replace('bfloat16', 'bf16')}-autocast" if amp else "fp32",
+        "data": str(args.data_dir) if args.data_dir is not None else "synthetic",
         "tokens_per_s": tokens_per_s, "step_ms": 1e3 * seconds / args.steps, "warmup_s": warmup_s, "mfu": mfu,
         "flops_per_token": flops_tok, "peak_flops": peak, "device_name": device_name, "peak_memory_gb": memory,
-        "memory_kind": "cuda max allocated" if on_cuda else "process peak RSS", "final_loss": loss,
+        "memory_kind": "cuda max allocated" if on_cuda else "process peak RSS", "loss": loss,
     }
     mfu_text = f"MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense" if mfu is not None else \
         "MFU n/a (no known bf16 peak)"
@@ -317,9 +295,9 @@ def memory_test(config: ModelConfig, args: argparse.Namespace, backend: str) -> 
         trainer = None
         ok = True
         try:
-            trainer = Trainer(config, args, batch)
+            trainer = new_trainer(config, args, batch)
             for _ in range(2):  # the second step holds the optimizer state too
-                trainer.step()
+                trainer.train_step()
             sync(args.device)
         except torch.cuda.OutOfMemoryError:
             ok = False
@@ -366,7 +344,9 @@ def measure(args: argparse.Namespace) -> None:
             print(f"triton / reference: {ratio:.2f}x tokens/s", flush=True)
 
     if args.save or args.out:
-        extra = {"config": dataclasses.asdict(config), "args": vars(args)}
+        plain = (bool, int, float, str, list, type(None))
+        extra = {"config": dataclasses.asdict(config),
+                 "args": {k: v if isinstance(v, plain) else str(v) for k, v in vars(args).items()}}
         if args.save:
             path = write_results("throughput", records, extra=extra)
             print(f"results written to {path}")

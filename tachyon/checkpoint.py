@@ -25,6 +25,7 @@ import torch
 
 from .config import ModelConfig, total_params
 from .errors import TachyonError, run_cli
+from .files import atomic_write
 from .model import TachyonLM
 from .tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 
@@ -210,21 +211,13 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_
     if isinstance(payload["config"], ModelConfig):
         payload["config"] = dataclasses.asdict(payload["config"])
     path = run_dir / f"checkpoint_{step}.pt"
-    tmp = run_dir / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(payload, f))
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
         kept = latest_checkpoint(run_dir)
         raise TachyonError(f"could not write checkpoint {path} ({io_reason(exc)}; {free_space(run_dir)} in "
                            f"{run_dir}); " + (f"the last good checkpoint {kept} is kept" if kept else
                                               "no checkpoint of this run was saved")) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -333,16 +326,9 @@ def checkpoint_tokenizer(meta: dict[str, Any], path: str | Path, override: str |
     return tokenizer
 
 
-def _file_mode() -> int:
-    """The mode a new file gets under the current umask (safetensors writes 0600 files)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def export_safetensors(ckpt_path: str | Path, out_path: str | Path) -> Path:
     """Write the model weights of a checkpoint (plus config and tokenizer path) to a safetensors file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
@@ -355,15 +341,11 @@ def export_safetensors(ckpt_path: str | Path, out_path: str | Path) -> Path:
     for key in ("tokenizer_path", "tokenizer_sha256", "step"):
         if ckpt.get(key) is not None:
             meta[key] = str(ckpt[key])
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    tensors = {k: v.contiguous() for k, v in ckpt["model"].items()}
     try:
-        save_file({k: v.contiguous() for k, v in ckpt["model"].items()}, str(tmp), metadata=meta)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, out_path)
+        atomic_write(out_path, lambda f: f.write(save(tensors, metadata=meta)))
     except OSError as exc:
         raise TachyonError(f"could not write {out_path} ({io_reason(exc)}; {free_space(out_path.parent)})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 

@@ -24,12 +24,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from .errors import TachyonError, run_cli
+from .files import atomic_write
 from .model import IGNORE_INDEX
 from .tokenizer import file_sha256, load_tokenizer, train_bpe
 
@@ -49,17 +49,6 @@ def shard_name(index: int) -> str:
 def cache_dir() -> Path:
     """Where the embedded default is cached: $TACHYON_CACHE, else ~/.cache/tachyon."""
     return Path(os.environ.get("TACHYON_CACHE") or Path.home() / ".cache" / "tachyon").expanduser()
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file through `write` under a temp name, flush it to disk, then rename it into place: a kill or a
-    crash never leaves a complete-looking file that is not."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:

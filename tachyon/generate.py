@@ -371,11 +371,6 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
     return path
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else mps, else cpu; anything else must be a usable device."""
-    return torch.device(resolve_device(name, prefer_mps=True))
-
-
 def load_for_generation(checkpoint: str | Path | None, tokenizer_path: str | Path | None,
                         device: torch.device) -> tuple[TachyonLM, Tokenizer, Path]:
     """Load the model (eval mode) and its tokenizer, checking that they belong together (size and file hash)."""
@@ -464,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest; 0 = off (default 50)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1]; 1 = off (default 0.9)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else the CPU), cpu, cuda, cuda:1, mps (default auto)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (CUDA graphs on CUDA); the first reply pays "
@@ -482,7 +478,7 @@ def _run(args: argparse.Namespace) -> None:
     validate_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p)
     if args.prompt is not None and not args.prompt:
         raise TachyonError("the prompt is empty: give at least one character of text")
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     model, tokenizer, path = load_for_generation(args.checkpoint, args.tokenizer, device)
     generator = make_generator(args.seed, device)
     if args.prompt is None:

@@ -1,6 +1,9 @@
-"""Device facts: the dense bf16 tensor-core peak of known GPUs (for MFU), and turning --device into a device."""
+"""Device facts: --device into a torch.device, the autocast dtype, peak memory, and the dense bf16 peak of known
+GPUs (for MFU)."""
 
 from __future__ import annotations
+
+import resource
 
 import torch
 
@@ -33,21 +36,23 @@ def bf16_peak_flops(device: torch.device | str | None = None) -> tuple[str, floa
     return name, None
 
 
-def resolve_device(name: str, prefer_mps: bool = False) -> str:
-    """'auto' -> cuda, else (with prefer_mps) mps, else cpu; a named device is checked to exist on this machine.
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device `--device NAME` means: 'auto' is CUDA when available, else the CPU (MPS only when named).
 
-    A CUDA device is made current (so cuda:1 runs its kernels on GPU 1). Only cpu, cuda[:N] and mps are accepted.
+    A named device is checked to exist on this machine, and a CUDA device is made current (so cuda:1 runs
+    its kernels on GPU 1). Only cpu, cuda[:N] and mps are accepted. Training, generation and the benchmark
+    all resolve --device here, so 'auto' means the same machine part everywhere.
     """
-    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if prefer_mps and mps_ok else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise TachyonError(f"--device {name} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise TachyonError(f"--device {name}: only auto, cpu, cuda, cuda:N and mps are supported")
-    if device.type == "mps" and not mps_ok:
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
         raise TachyonError(f"--device {name} was asked for but this PyTorch build or machine has no MPS: "
                            "use --device cpu")
     if device.type == "cuda":
@@ -56,4 +61,20 @@ def resolve_device(name: str, prefer_mps: bool = False) -> str:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise TachyonError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         torch.cuda.set_device(device)
-    return name
+    return device
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The half-precision autocast dtype for running the model on `device`: bf16 on a CUDA GPU that has it,
+    else None (fp32). Training (`--dtype auto`), `generate()` and the generate CLI all ask here."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process on `device`, in GB: the CUDA allocator's peak since its last reset, or the
+    process's peak resident set size on the CPU (what the trainer's log lines and the benchmark report)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,3 +38,17 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, total: int) -> f
         return min_lr
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate of every optimizer step: linear warmup, then cosine from `lr` to `min_lr` (see lr_at)."""
+
+    lr: float
+    min_lr: float
+    warmup: int
+    max_steps: int
+
+    def __call__(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based)."""
+        return lr_at(step, self.lr, self.min_lr, self.warmup, self.max_steps)

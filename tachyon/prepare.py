@@ -20,8 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .data import SHARD_GLOB, ShardWriter, atomic_write, open_shard, shard_name
+from .data import SHARD_GLOB, ShardWriter, open_shard, shard_name
 from .errors import TachyonError
+from .files import atomic_write
 from .tokenizer import load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")

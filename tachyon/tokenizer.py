@@ -7,13 +7,13 @@ end-of-text and pad are looked up among the tokenizer's own special tokens, neve
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TachyonError
+from .files import atomic_write
 
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]")
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
@@ -129,7 +129,7 @@ def check_same_tokenizer(recorded_sha256: str | None, tokenizer: Tokenizer, sour
 
 
 def train_bpe(texts: Iterable[str], out_path: str | Path, vocab_size: int = 8192, length: int | None = None) -> Path:
-    """Train a byte-level BPE tokenizer on `texts` and save it to `out_path` (written to a temp name, then renamed).
+    """Train a byte-level BPE tokenizer on `texts` and save it to `out_path` (atomically: see files.atomic_write).
 
     Ids 0 and 1 are `<|endoftext|>` and `<|pad|>`, matching the original tokenizer's layout, so shards made with
     either follow the same conventions. The byte-level alphabet is always included, so any text encodes.
@@ -145,7 +145,4 @@ def train_bpe(texts: Iterable[str], out_path: str | Path, vocab_size: int = 8192
     backend.train_from_iterator(texts, trainer, length=length)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-    backend.save(str(tmp))
-    os.replace(tmp, out_path)
-    return out_path
+    return atomic_write(out_path, lambda f: f.write(backend.to_str(pretty=True).encode()))

@@ -13,13 +13,10 @@ import dataclasses
 import json
 import math
 import random
-import resource
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +43,10 @@ from .checkpoint import (
 from .config import PRESETS, ModelConfig, active_params, flops_per_token, get_preset, total_params
 from .data import BatchLoader, embedded_default
 from .errors import Interrupted, TachyonError, run_cli
-from .hardware import bf16_peak_flops, resolve_device
-from .model import TachyonLM
-from .optim import lr_at, make_optimizer
+from .hardware import autocast_dtype, bf16_peak_flops, peak_memory_gb, resolve_device
+from .optim import LRSchedule
 from .tokenizer import Tokenizer, check_fits, check_same_tokenizer, load_tokenizer, padded_vocab_size
+from .trainer import DEFAULT_GRAD_CLIP, DEFAULT_WEIGHT_DECAY, StepSettings, Trainer, build_trainer, params_finite
 
 # Defaults that differ between a quick run on the embedded corpus and a real-data run; the
 # real-data values are the original trainer's.
@@ -99,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"final learning rate of the cosine decay {_by_data('min_lr')}")
     a("--warmup", "--warmup_steps", dest="warmup", type=int, help=f"linear warmup steps {_by_data('warmup')}")
     a("--max-steps", "--max_steps", dest="max_steps", type=int, help=f"optimizer steps {_by_data('max_steps')}")
-    a("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=0.1,
+    a("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=DEFAULT_WEIGHT_DECAY,
       help="AdamW weight decay (not on norms, biases or embeddings)")
-    a("--grad-clip", "--grad_clip", dest="grad_clip", type=float, default=1.0,
+    a("--grad-clip", "--grad_clip", dest="grad_clip", type=float, default=DEFAULT_GRAD_CLIP,
       help="clip the gradient norm to this (0: no clipping)")
     a("--log-interval", "--log_interval", dest="log_interval", type=int,
       help=f"steps between log lines {_by_data('log_interval')}")
@@ -137,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
       default=None, help="save a checkpoint when stopped by SIGTERM or Ctrl-C (default: on for SIGTERM, off for "
       "Ctrl-C)")
     return p
+
+
+def real_data_schedule() -> LRSchedule:
+    """The learning-rate schedule of a real-data run with the default options (what bench.throughput times)."""
+    d = REAL_DATA_DEFAULTS
+    return LRSchedule(d["lr"], d["min_lr"], d["warmup"], d["max_steps"])
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -177,11 +180,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise TachyonError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's max_seq_len "
                            f"{preset.max_seq_len}: use --seq-len {preset.max_seq_len} or less")
     args.device = resolve_device(args.device)
+    on_cuda = args.device.type == "cuda"
     if args.dtype == "auto":
-        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+        args.dtype = "bf16" if autocast_dtype(args.device) == torch.bfloat16 else "fp32"
     if args.grad_ckpt is None:
-        args.grad_ckpt = args.device.startswith("cuda") and args.preset in ("medium", "large")
-    args.compile = args.compile and args.device.startswith("cuda")
+        args.grad_ckpt = on_cuda and args.preset in ("medium", "large")
+    args.compile = args.compile and on_cuda
     return args
 
 
@@ -239,13 +243,6 @@ def load_resume(path: Path, config: ModelConfig, tokenizer: Tokenizer | None, ex
     if tokenizer is not None:
         check_same_tokenizer(ckpt.get("tokenizer_sha256"), tokenizer, f"checkpoint {path}", explicit_tokenizer)
     return ckpt
-
-
-def memory_gb(device: str) -> float:
-    """Peak memory of this run: CUDA allocator peak, or the process's peak RSS on the CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 class MetricsLog:
@@ -310,46 +307,11 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
-    """Apply the update unless the gradient norm is non-finite; returns 1.0 for a skipped step, else 0.0.
-
-    The fused CUDA AdamW skips on the device through its `found_inf` input, so no host sync is
-    needed; elsewhere the check costs one sync per step.
-    """
-    bad = (~torch.isfinite(grad_norm)).float()
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = bad
-        optimizer.step()
-    elif not bad.item():
-        optimizer.step()
-    return bad
-
-
 def saved_so_far(run_dir: Path, archive: Path | None) -> str:
     """Where the last good weights are, for an error that ends a run."""
     if (last := latest_checkpoint(run_dir)) is not None:
         return f"the last good checkpoint {last} is untouched"
     return "no checkpoint of this run was saved" + (f"; the earlier run's are in {archive}" if archive else "")
-
-
-def bad_streak_checked(streak: torch.Tensor, device: torch.device) -> bool:
-    """On the CPU (already synchronised each step) look at the streak every step; on CUDA only at log lines."""
-    return device.type != "cuda" and streak.item() > 0
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int,
-             autocast: Callable[[], AbstractContextManager]) -> float:
-    """Mean cross-entropy over the first `batches` validation batches (the same ones at every eval)."""
-    loader.reset()
-    model.eval()
-    total = torch.zeros((), device=next(model.parameters()).device)
-    for _ in range(batches):
-        x, y = next(loader)
-        with autocast():
-            total += model(x, y).ce.float()
-    model.train()
-    return (total / batches).item()
 
 
 class StopSignals:
@@ -390,16 +352,6 @@ class StopSignals:
         return 128 + int(self.signum or signal.SIGINT)
 
 
-def params_finite(model: torch.nn.Module) -> torch.Tensor:
-    """A 0-d bool tensor on the model's device: are all parameters finite? One fused norm, no host sync.
-
-    Non-finite parameters stay non-finite (every later loss is non-finite, so every later step is skipped), so
-    checking at log and save points is enough to catch an update that overflowed.
-    """
-    norms = torch._foreach_norm([p.detach() for p in model.parameters()])
-    return torch.stack(norms).isfinite().all()
-
-
 def claim_run_dir(run_dir: Path, log: Callable[[str], None]) -> RunLock:
     """Check that the run directory is writable, lock it for this run, and clear what killed runs left there."""
     prepare_run_dir(run_dir)
@@ -423,174 +375,218 @@ def train(args: argparse.Namespace) -> Path:
         lock.release()
 
 
-def _train(args: argparse.Namespace) -> Path:
-    """The body of `train`, run while the run directory is locked."""
-    if args.kernels is not None:
-        kernels.set_backend(args.kernels)
-    log = tqdm.write
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's RNGs (checkpoints save and restore all three)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
+
+def training_data(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Path, Path | None, Tokenizer | None]:
+    """(shard folder, tokenizer path, tokenizer): --data-dir's, or the embedded default corpus (built if needed)."""
     if args.data_dir is None:
         data_dir, tokenizer_path = embedded_default(seq_len=args.seq_len, log=log)
         tokenizer_path = args.tokenizer or tokenizer_path
     else:
         data_dir, tokenizer_path = args.data_dir, args.tokenizer
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
-    config = model_config(args, tokenizer)
+    return data_dir, tokenizer_path, tokenizer
 
+
+def make_loaders(data_dir: Path, *, batch_size: int, seq_len: int, seed: int, vocab_size: int, device: torch.device,
+                 pad_id: int = 1, val_fraction: float = 0.0, val_shards: int = 0, num_workers: int = 0
+                 ) -> tuple[BatchLoader, BatchLoader | None]:
+    """The training loader and, when a validation split is asked for, the validation one (else None).
+
+    pad_id 1 is the original dataset's layout, for shards that come without a tokenizer.
+    """
+    common = dict(batch_size=batch_size, seq_len=seq_len, seed=seed, vocab_size=vocab_size, device=device,
+                  val_fraction=val_fraction, val_shards=val_shards, pad_id=pad_id)
+    loader = BatchLoader(data_dir, split="train", num_workers=num_workers, **common)
+    val_loader = BatchLoader(data_dir, split="val", **common) if val_fraction > 0 or val_shards > 0 else None
+    return loader, val_loader
+
+
+def step_settings(args: argparse.Namespace) -> StepSettings:
+    """The schedule, accumulation, clipping and autocast dtype the options ask for."""
+    return StepSettings(LRSchedule(args.lr, args.min_lr, args.warmup, args.max_steps), grad_accum=args.grad_accum,
+                        grad_clip=args.grad_clip, amp_dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+
+
+def restore(trainer: Trainer, loader: BatchLoader, ckpt: dict[str, Any]) -> None:
+    """Continue a checkpointed run: weights, optimizer state, data position, RNG states and step count."""
+    trainer.model.load_state_dict(ckpt["model"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    loader.load_state_dict(ckpt["data"])
+    set_rng_state(ckpt["rng"])
+    trainer.step = ckpt["step"]
+
+
+class TrainingRun:
+    """What `python -m tachyon.train` does around `Trainer.train_step`: log lines and metrics, evals, the health
+    checks, checkpoints and stopping on a signal, in the (locked) run directory."""
+
+    def __init__(self, args: argparse.Namespace, trainer: Trainer, loader: BatchLoader,
+                 val_loader: BatchLoader | None, metrics: MetricsLog, tokenizer: Tokenizer | None,
+                 tokenizer_path: Path | None, log: Callable[[str], None]) -> None:
+        self.args, self.trainer, self.loader, self.val_loader = args, trainer, loader, val_loader
+        self.metrics, self.tokenizer, self.tokenizer_path, self.log = metrics, tokenizer, tokenizer_path, log
+        self.run_dir = Path(args.save_dir)
+        config = trainer.model.config
+        self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+        self.flops_per_token = flops_per_token(config, args.seq_len)
+        self.device_name, self.peak_flops = bf16_peak_flops(trainer.device)
+        self.last_path: Path | None = None
+
+    def describe(self) -> str:
+        """The line that opens a run: model, device, numerics, step size and run directory."""
+        a, config = self.args, self.trainer.model.config
+        return (f"model {a.preset}: {total_params(config) / 1e6:.1f}M params, {active_params(config) / 1e6:.1f}M "
+                f"active, vocab {config.vocab_size} | {self.device_name}, {a.dtype}, kernels={kernels.get_backend()}, "
+                f"compile={a.compile}, grad-ckpt={a.grad_ckpt} | {self.tokens_per_step:,} tokens/step, "
+                f"{a.max_steps} steps | run dir {self.run_dir}")
+
+    def diverged(self, why: str) -> TachyonError:
+        return TachyonError(f"training diverged: {why}; {saved_so_far(self.run_dir, self.metrics.archive)} "
+                            "(try a lower --lr)")
+
+    def save(self) -> Path:
+        """Checkpoint the current step; never from a model whose parameters are no longer finite."""
+        t = self.trainer
+        if not bool(params_finite(t.model)):
+            raise self.diverged(f"the parameters are non-finite at step {t.step}, so it was not saved")
+        self.last_path = save_checkpoint(self.run_dir, t.step, {
+            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "config": t.model.config,
+            "data": self.loader.state_dict(), "rng": rng_state(),
+            "args": {k: str(v) for k, v in vars(self.args).items()},
+            "tokenizer_path": str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
+            "tokenizer_sha256": self.tokenizer.sha256 if self.tokenizer else None}, self.args.keep_last)
+        return self.last_path
+
+    def evaluate(self) -> None:
+        """Score the validation split's first --eval-batches batches (the same ones every time), if there is one."""
+        if self.val_loader is None:
+            return
+        self.val_loader.reset()
+        val_loss = self.trainer.evaluate(self.val_loader, self.args.eval_batches)
+        step = self.trainer.step
+        self.log(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
+        self.metrics.write({"kind": "eval", "step": step, "val_loss": val_loss})
+
+    def check_health(self) -> None:
+        """Report skipped steps; stop on MAX_BAD_STEPS skipped in a row or on non-finite parameters."""
+        stats, step = self.trainer.stats, self.trainer.step
+        if (skipped := stats.take_skipped()) > 0:
+            self.log(f"step {step}: {skipped} step(s) with a non-finite loss or gradient were skipped")
+        if (run_of_bad := stats.bad_streak()) >= MAX_BAD_STEPS:
+            raise self.diverged(f"{run_of_bad} non-finite steps in a row up to step {step}")
+        if not bool(params_finite(self.trainer.model)):
+            raise self.diverged(f"an update made the parameters non-finite by step {step}")
+
+    def log_interval(self) -> None:
+        """One log line and metrics record with the means since the last one."""
+        t = self.trainer
+        summary = t.stats.interval(self.args.grad_accum)
+        tok_s = summary.steps * self.tokens_per_step / summary.seconds
+        mfu = tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        imbalance = (summary.expert_load.max(dim=1).values * t.model.config.n_routed_experts).max().item()
+        mem = peak_memory_gb(t.device)
+        self.log(f"step {t.step:>6} | loss {summary.loss:.4f} | ce {summary.ce:.4f} | z {summary.z_loss:.2e} | "
+                 f"bal {summary.balance_loss:.4f} | lr {t.lr:.2e} | {tok_s:,.0f} tok/s"
+                 + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                 + f" | mem {mem:.2f} GB | max expert load {imbalance:.2f}x")
+        self.metrics.write({"kind": "train", "step": t.step, "loss": summary.loss, "ce": summary.ce,
+                            "z_loss": summary.z_loss, "balance_loss": summary.balance_loss, "lr": t.lr,
+                            "tokens_per_s": tok_s, "mfu": mfu, "memory_gb": mem,
+                            "expert_load": summary.expert_load.tolist()})
+
+    def stopped(self, signals: StopSignals) -> Interrupted:
+        """Stop at the end of a step on a signal, saving first when asked to (default: on SIGTERM only)."""
+        step, last = self.trainer.step, self.last_path
+        save_wanted = self.args.save_on_interrupt if self.args.save_on_interrupt is not None else \
+            signals.signum == signal.SIGTERM
+        if save_wanted and (last is None or last.name != f"checkpoint_{step}.pt"):
+            last = self.save()
+        if last is not None and last.name == f"checkpoint_{step}.pt":
+            what = f"saved {last}; continue with --resume latest"
+        else:
+            what = f"not saved (--save-on-interrupt saves); {saved_so_far(self.run_dir, self.metrics.archive)}"
+        return Interrupted(f"stopped by {signals.name} after step {step}: {what}", signals.exit_code)
+
+    def after_step(self, signals: StopSignals) -> None:
+        """What follows a step: health checks, a log line, an eval and a checkpoint when due, a signal's stop."""
+        args, step, stats = self.args, self.trainer.step, self.trainer.stats
+        final = step == args.max_steps
+        # On the CPU, already synchronised every step, look at the streak every step; on CUDA at log lines only.
+        streak_seen = self.trainer.device.type != "cuda" and stats.bad_streak() > 0
+        if step % args.log_interval == 0 or final or streak_seen:
+            self.check_health()
+        if step == 1 or step % args.log_interval == 0 or final:
+            self.log_interval()
+        if args.eval_interval and step % args.eval_interval == 0 and not final:
+            self.evaluate()
+        if args.save_interval and step % args.save_interval == 0 and not final:
+            self.save()
+        if signals.signum is not None and not final:
+            raise self.stopped(signals)
+
+    def run(self) -> Path:
+        """Train to --max-steps, then eval and save; returns the final checkpoint."""
+        t = self.trainer
+        bar = tqdm(total=self.args.max_steps, initial=t.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty())
+        signals = StopSignals()
+        try:
+            with signals:
+                while t.step < self.args.max_steps:
+                    t.train_step()
+                    bar.update(1)
+                    self.after_step(signals)
+                self.evaluate()
+                self.save()
+            self.log(f"saved {self.last_path}")
+        except KeyboardInterrupt:  # a second signal, or Ctrl-C where no handler could be installed
+            raise Interrupted(f"interrupted by {signals.name} during step {t.step + 1} (abandoned); "
+                              f"{saved_so_far(self.run_dir, self.metrics.archive)}", signals.exit_code) from None
+        finally:
+            bar.close()
+        return self.last_path
+
+
+def _train(args: argparse.Namespace) -> Path:
+    """The body of `train`, run while the run directory is locked."""
+    if args.kernels is not None:
+        kernels.set_backend(args.kernels)
+    log = tqdm.write
+    seed_everything(args.seed)
+    data_dir, tokenizer_path, tokenizer = training_data(args, log)
+    config = model_config(args, tokenizer)
     resume_path = find_resume(args)
     ckpt = load_resume(resume_path, config, tokenizer, args.tokenizer is not None) if resume_path else None
 
-    pad_id = tokenizer.pad_id if tokenizer is not None else 1  # shards without a tokenizer: the original's layout
-    loader_args = dict(batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, vocab_size=config.vocab_size,
-                       device=args.device, val_fraction=args.val_fraction, val_shards=args.val_shards, pad_id=pad_id)
-    loader = BatchLoader(data_dir, split="train", num_workers=args.num_workers, **loader_args)
-    val_loader = (BatchLoader(data_dir, split="val", **loader_args)
-                  if args.val_fraction > 0 or args.val_shards > 0 else None)
-    if val_loader is None:
-        log("no validation split, so no validation loss: pass --val-fraction 0.01 or --val-shards 1 to get one")
-
-    device = torch.device(args.device)
-    model = TachyonLM(config).to(device)
-    model.gradient_checkpointing = args.grad_ckpt
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        log(f"resumed from {resume_path} at step {step}")
-    step_model = torch.compile(model) if args.compile else model
-    use_bf16 = args.dtype == "bf16"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    flops_tok = flops_per_token(config, args.seq_len)
-    device_name, peak = bf16_peak_flops(device)
-    run_dir = Path(args.save_dir)
-    metrics = MetricsLog(run_dir, args.tensorboard, resumed_at=step if ckpt is not None else None)
-    log(f"model {args.preset}: {total_params(config) / 1e6:.1f}M params, {active_params(config) / 1e6:.1f}M active, "
-        f"vocab {config.vocab_size} | {device_name}, {args.dtype}, kernels={kernels.get_backend()}, "
-        f"compile={args.compile}, grad-ckpt={args.grad_ckpt} | {tokens_per_step:,} tokens/step, "
-        f"{args.max_steps} steps | run dir {run_dir}")
-
-    def diverged(why: str) -> TachyonError:
-        return TachyonError(f"training diverged: {why}; {saved_so_far(run_dir, metrics.archive)} (try a lower --lr)")
-
-    def save() -> Path:
-        """Checkpoint the current step; never from a model whose parameters are no longer finite."""
-        if not bool(params_finite(model)):
-            raise diverged(f"the parameters are non-finite at step {step}, so it was not saved")
-        return save_checkpoint(run_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-            "data": loader.state_dict(), "rng": rng_state(), "args": {k: str(v) for k, v in vars(args).items()},
-            "tokenizer_path": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
-            "tokenizer_sha256": tokenizer.sha256 if tokenizer else None}, args.keep_last)
-
-    def run_eval() -> None:
-        if val_loader is None:
-            return
-        val_loss = evaluate(step_model, val_loader, args.eval_batches, autocast)
-        log(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
-        metrics.write({"kind": "eval", "step": step, "val_loss": val_loss})
-
-    def stopped(signals: StopSignals, last_path: Path | None) -> Interrupted:
-        """Stop at the end of a step on a signal, saving first when asked to (default: on SIGTERM only)."""
-        save_wanted = args.save_on_interrupt if args.save_on_interrupt is not None else \
-            signals.signum == signal.SIGTERM
-        if save_wanted and (last_path is None or last_path.name != f"checkpoint_{step}.pt"):
-            last_path = save()
-        if last_path is not None and last_path.name == f"checkpoint_{step}.pt":
-            what = f"saved {last_path}; continue with --resume latest"
-        else:
-            what = f"not saved (--save-on-interrupt saves); {saved_so_far(run_dir, metrics.archive)}"
-        return Interrupted(f"stopped by {signals.name} after step {step}: {what}", signals.exit_code)
-
-    sums = torch.zeros(4, device=device)  # loss, ce, z_loss, balance summed over the applied steps' micro-batches
-    step_sums = torch.zeros(4, device=device)  # the same for the current step only
-    fractions = torch.zeros(config.n_layers, config.n_routed_experts, device=device)
-    streak, skipped = torch.zeros((), device=device), torch.zeros((), device=device)
-    applied = torch.zeros((), device=device)  # steps since the last log line whose update was applied
-    max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
-    interval_steps, interval_start = 0, time.perf_counter()
-    last_path = None
-    bar = tqdm(total=args.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
-    signals = StopSignals()
+    loader, val_loader = make_loaders(
+        data_dir, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, vocab_size=config.vocab_size,
+        device=args.device, pad_id=tokenizer.pad_id if tokenizer is not None else 1,
+        val_fraction=args.val_fraction, val_shards=args.val_shards, num_workers=args.num_workers)
+    metrics = None
     try:
-        with signals:
-            while step < args.max_steps:
-                lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.max_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                for _ in range(args.grad_accum):
-                    x, y = next(loader)
-                    with autocast():
-                        out = step_model(x, y)
-                    (out.loss / args.grad_accum).backward()
-                    step_sums += torch.stack([out.loss, out.ce, out.z_loss, out.balance_loss]).detach().float()
-                    fractions += out.expert_fraction.detach()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                bad = guarded_step(optimizer, norm)
-                streak = (streak + bad) * bad  # consecutive non-finite steps, counted on the device
-                skipped += bad
-                applied += 1 - bad
-                sums += torch.where(bad > 0, 0.0, step_sums)  # a skipped step's NaN stays out of the logged means
-                step_sums.zero_()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                interval_steps += 1
-                bar.update(1)
-
-                if step % args.log_interval == 0 or step == args.max_steps or bad_streak_checked(streak, device):
-                    if (n_skipped := int(skipped.item())) > 0:
-                        log(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient were skipped")
-                        skipped.zero_()
-                    if (run_of_bad := int(streak.item())) >= MAX_BAD_STEPS:
-                        raise diverged(f"{run_of_bad} non-finite steps in a row up to step {step}")
-                    if not bool(params_finite(model)):
-                        raise diverged(f"an update made the parameters non-finite by step {step}")
-                if step == 1 or step % args.log_interval == 0 or step == args.max_steps:
-                    elapsed = time.perf_counter() - interval_start
-                    loss, ce, z, bal = (sums / (applied * args.grad_accum)).tolist()  # nan if every step was skipped
-                    load = (fractions / (interval_steps * args.grad_accum)).cpu()
-                    tok_s = interval_steps * tokens_per_step / elapsed
-                    mfu = tok_s * flops_tok / peak if peak else None
-                    imbalance = (load.max(dim=1).values * config.n_routed_experts).max().item()
-                    mem = memory_gb(args.device)
-                    log(f"step {step:>6} | loss {loss:.4f} | ce {ce:.4f} | z {z:.2e} | bal {bal:.4f} | lr {lr:.2e} | "
-                        f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                        + f" | mem {mem:.2f} GB | max expert load {imbalance:.2f}x")
-                    metrics.write({"kind": "train", "step": step, "loss": loss, "ce": ce, "z_loss": z,
-                                   "balance_loss": bal, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
-                                   "memory_gb": mem, "expert_load": load.tolist()})
-                    sums.zero_()
-                    applied.zero_()
-                    fractions.zero_()
-                    interval_steps, interval_start = 0, time.perf_counter()
-                if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
-                    run_eval()
-                if args.save_interval and step % args.save_interval == 0 and step < args.max_steps:
-                    last_path = save()
-                if signals.signum is not None and step < args.max_steps:
-                    raise stopped(signals, last_path)
-            run_eval()
-            last_path = save()
-        log(f"saved {last_path}")
-    except KeyboardInterrupt:  # a second signal, or Ctrl-C where no handler could be installed
-        raise Interrupted(f"interrupted by {signals.name} during step {step + 1} (abandoned); "
-                          f"{saved_so_far(run_dir, metrics.archive)}", signals.exit_code) from None
+        if val_loader is None:
+            log("no validation split, so no validation loss: pass --val-fraction 0.01 or --val-shards 1 to get one")
+        trainer = build_trainer(config, loader, args.device, step_settings(args), seed=args.seed,
+                                weight_decay=args.weight_decay, compile=args.compile, grad_ckpt=args.grad_ckpt)
+        if ckpt is not None:
+            restore(trainer, loader, ckpt)
+            log(f"resumed from {resume_path} at step {trainer.step}")
+        metrics = MetricsLog(Path(args.save_dir), args.tensorboard, resumed_at=trainer.step if ckpt else None)
+        run = TrainingRun(args, trainer, loader, val_loader, metrics, tokenizer, tokenizer_path, log)
+        log(run.describe())
+        return run.run()
     finally:
-        bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         loader.close()
         if val_loader is not None:
             val_loader.close()
-    return last_path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bench import report, throughput
+from tachyon import train
+from tachyon.config import PRESETS, ModelConfig
 
 # A model small enough for the Triton interpreter to run a training step in a few seconds.
 TINY = ["--set", "n_layers=1", "--set", "d_model=64", "--set", "n_heads=2", "--set", "n_kv_heads=1",
@@ -25,6 +28,29 @@ def test_nano_on_cpu_prints_tokens_per_second(capsys: pytest.CaptureFixture[str]
     (rec,) = payload["records"]
     assert rec["tokens_per_s"] > 0 and rec["steps"] == 3 and rec["batch_size"] == 2 and rec["seq_len"] == 128
     assert payload["config"]["vocab_size"] == 8192 and payload["environment"]["git_commit"]
+
+
+def test_benchmark_times_the_trainers_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.throughput and `python -m tachyon.train` run one step (two micro-batches) on the same seed and shards:
+    the same weights, batches, step and metrics give exactly the same loss."""
+    monkeypatch.setitem(PRESETS, "pico", ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,
+                                                     d_ff=128, d_shared_ff=64, n_routed_experts=4, max_seq_len=64))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        np.save(data / f"shard_{i:05d}.npy", np.random.default_rng(i).integers(2, 500, (32, 64), dtype=np.int32))
+    common = ["--preset", "pico", "--data-dir", str(data), "--batch-size", "2", "--seq-len", "32",
+              "--grad-accum", "2", "--device", "cpu", "--seed", "7"]
+    assert train.main([*common, "--save-dir", str(tmp_path / "run"), "--max-steps", "1"]) == 0
+    (trained,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "bench.json"
+    assert throughput.main([*common, "--steps", "1", "--warmup", "0", "--no-save", "--out", str(out)]) == 0
+    (timed,) = json.loads(out.read_text())["records"]
+    assert timed["data"] == str(data) and trained["step"] == 1
+    assert timed["loss"] == trained["loss"]
+    other = tmp_path / "other.json"  # another seed: other weights and batches, so the equality above is no accident
+    assert throughput.main([*common[:-1], "8", "--steps", "1", "--warmup", "0", "--no-save", "--out", str(other)]) == 0
+    assert json.loads(other.read_text())["records"][0]["loss"] != trained["loss"]
 
 
 def test_both_backends_print_the_ratio(capsys: pytest.CaptureFixture[str]) -> None:
