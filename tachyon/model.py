@@ -12,10 +12,9 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from .config import INIT_STD, ModelConfig
+from .data.loader import IGNORE_INDEX  # the loader's target for positions not scored
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
 from .moe import MoE, RouterStats
-
-IGNORE_INDEX = -100  # targets with this id (padding) add nothing to the loss
 
 
 class ModelOutput(NamedTuple):

@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from tachyon import data
-from tachyon.data import BatchLoader, embedded_default, find_shards, parse_shard_range
+from tachyon.data import (
+    IGNORE_INDEX,
+    BatchLoader,
+    ShardWriter,
+    default,
+    embedded_default,
+    find_shards,
+    parse_shard_range,
+)
+from tachyon.data.cli import main
+from tachyon.data.prepare import PROGRESS, prepare
 from tachyon.errors import TachyonError
-from tachyon.model import IGNORE_INDEX
-from tachyon.prepare import PROGRESS, prepare
 from tachyon.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,8 +176,17 @@ MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
+def test_the_data_package_imports_neither_the_model_nor_triton() -> None:
+    """Preparing data on a machine without a GPU stack must not pay for (or break on) the model's kernels."""
+    probe = ("import sys, tachyon.data, tachyon.data.cli; "
+             "print(sorted(m for m in ('triton', 'kernels', 'tachyon.model') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for the peak RSS")
-def test_reading_a_256mb_shard_is_memory_mapped(tmp_path: Path) -> None:
+def test_reading_a_256mb_shard_keeps_memory_flat(tmp_path: Path) -> None:
     shard = np.lib.format.open_memmap(tmp_path / "shard_00000.npy", mode="w+", dtype=np.int32, shape=(32768, 2048))
     for start in range(0, 32768, 4096):
         shard[start:start + 4096] = (np.arange(4096 * 2048, dtype=np.int32).reshape(4096, 2048) + start) % 49999
@@ -261,16 +277,16 @@ def test_prepare_packs_documents_into_shards_that_decode_back(tmp_path: Path, to
 
 def interrupt_at_shard(monkeypatch: pytest.MonkeyPatch, stop: int, written: bool) -> None:
     """Make `prepare` stop as a kill would: before shard `stop` is written, or just after it (before it is recorded)."""
-    write = data.ShardWriter._write
+    write = ShardWriter._write
 
-    def interrupted(self: data.ShardWriter, rows: np.ndarray) -> None:
+    def interrupted(self: ShardWriter, rows: np.ndarray) -> None:
         if self.n_shards == stop and not written:
             raise KeyboardInterrupt
         write(self, rows)
         if self.n_shards == stop + 1 and written:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(data.ShardWriter, "_write", interrupted)
+    monkeypatch.setattr(ShardWriter, "_write", interrupted)
 
 
 def record_encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -367,7 +383,7 @@ def test_prepare_bad_inputs(tmp_path: Path, tokenizer_path: Path, capsys: pytest
     ]
     for extra, message in cases:
         argv = ["prepare", "--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "out"), *extra]
-        assert data.main(argv) == 2
+        assert main(argv) == 2
         err = capsys.readouterr().err.splitlines()  # the progress bar may come first, then exactly one error line
         assert err[-1].startswith("error: ") and message in err[-1] and sum("error" in e for e in err) == 1, err
     assert not (tmp_path / "out" / "meta.json").exists() and not list((tmp_path / "out").glob("shard_*"))
@@ -416,7 +432,7 @@ def test_download_asks_for_exactly_the_named_shards(tmp_path: Path, monkeypatch,
     fake_hub(monkeypatch, available=2685, calls=calls)
     argv = ["download", "--repo", "SuperGoatScriptGuy/PreprocessedMIXED", "--shards", "0-2,7", "--out",
             str(tmp_path / "data")]
-    assert data.main(argv) == 0
+    assert main(argv) == 0
     names = ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy", "shard_00007.npy"]
     assert calls[0] == ("get_paths_info", "SuperGoatScriptGuy/PreprocessedMIXED", names, {"repo_type": "dataset"})
     assert calls[1] == ("snapshot_download", {"repo_id": "SuperGoatScriptGuy/PreprocessedMIXED",
@@ -430,7 +446,7 @@ def test_download_asks_for_exactly_the_named_shards(tmp_path: Path, monkeypatch,
 def test_download_of_shards_the_repo_lacks_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
     calls: list = []
     fake_hub(monkeypatch, available=50, calls=calls)
-    assert data.main(["download", "--shards", "45-60", "--out", str(tmp_path / "data")]) == 2
+    assert main(["download", "--shards", "45-60", "--out", str(tmp_path / "data")]) == 2
     assert "has no shard_00050.npy (and 10 more)" in capsys.readouterr().err
     assert [c[0] for c in calls] == ["get_paths_info"] and not (tmp_path / "data").exists()
 
@@ -483,7 +499,7 @@ def test_embedded_default_builds_once_then_comes_from_the_cache(tmp_path: Path, 
     embedded_default(seq_len=64, log=logs.append, max_mb=0.3)
     assert any(m.startswith("writing shards") for m in logs) and (shard_dir / "meta.json").is_file()
 
-    monkeypatch.setattr(data, "DEFAULT_VERSION", "test-stale")  # a new recipe rebuilds everything
+    monkeypatch.setattr(default, "DEFAULT_VERSION", "test-stale")  # a new recipe rebuilds everything
     logs.clear()
     embedded_default(seq_len=64, log=logs.append, max_mb=0.3)
     assert any("training tokenizer" in m for m in logs) and not other.exists()
@@ -499,13 +515,13 @@ def test_a_rebuilt_embedded_tokenizer_never_replaces_one_a_checkpoint_points_to(
 
 
 def test_embedded_corpus_is_deterministic_and_capped() -> None:
-    a, n = data._stdlib_documents(200_000)
-    b, _ = data._stdlib_documents(200_000)
+    a, n = default._stdlib_documents(200_000)
+    b, _ = default._stdlib_documents(200_000)
     assert a == b and n >= 2 and sum(len(d.encode()) for d in a) <= 200_000
 
 
 def test_without_a_pad_token_nothing_is_masked_and_the_partial_last_row_is_dropped(tmp_path: Path) -> None:
-    writer = data.ShardWriter(tmp_path, seq_len=4, shard_rows=100, eot_id=0, pad_id=None)
+    writer = ShardWriter(tmp_path, seq_len=4, shard_rows=100, eot_id=0, pad_id=None)
     for doc in ([5, 6, 7], [8, 9], [1, 2]):  # 4 + 3 + 3 tokens with their end-of-texts
         writer.add(doc)
     meta = writer.finish({})
@@ -554,7 +570,7 @@ def test_prepare_out_naming_a_file_is_one_line(tmp_path: Path, tokenizer_path: P
     (tmp_path / "taken").write_text("a file")
     argv = ["prepare", "--tokenizer", str(tokenizer_path), "--input", str(tmp_path / "in.txt"), "--out",
             str(tmp_path / "taken")]
-    assert data.main(argv) == 2
+    assert main(argv) == 2
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'taken'} is a file; pass a folder (new or empty) " \
                                       "for the shards\n"
 
@@ -570,13 +586,13 @@ def test_a_data_dir_naming_a_file_says_so(tmp_path: Path) -> None:
 
 def test_check_finds_an_out_of_range_id_no_batch_would_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_shards(tmp_path, [(40, 64), (25, 64)], vocab=1000)
-    assert data.main(["check", str(tmp_path), "--vocab-size", "1000"]) == 0
+    assert main(["check", str(tmp_path), "--vocab-size", "1000"]) == 0
     assert capsys.readouterr().out == f"{tmp_path}: 2 shards, all sound: ids in [0, 1000)\n"
     bad = np.load(tmp_path / "shard_00001.npy")
     bad[23, 5] = 1000
     np.save(tmp_path / "shard_00001.npy", bad)
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 1000}))  # the vocab comes from meta.json
-    assert data.main(["check", str(tmp_path)]) == 2
+    assert main(["check", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: shard {tmp_path / 'shard_00001.npy'} holds token id 1000 at row 23, "
                                        "column 5: outside [0, 1000), the vocab size\n")
 
@@ -584,6 +600,6 @@ def test_check_finds_an_out_of_range_id_no_batch_would_read(tmp_path: Path, caps
 def test_check_lists_every_damaged_shard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_shards(tmp_path, [(4, 8), (4, 16), (4, 8)])
     np.save(tmp_path / "shard_00002.npy", np.zeros((4, 8), dtype=np.float32))
-    assert data.main(["check", str(tmp_path)]) == 2
+    assert main(["check", str(tmp_path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "shard_00002.npy holds float32" in err[0] and "different widths ([8, 16])" in err[1]

@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .data import SHARD_GLOB, ShardWriter, open_shard, shard_name
-from .errors import TachyonError
-from .files import atomic_write
-from .tokenizer import load_tokenizer
+from ..errors import TachyonError
+from ..files import atomic_write
+from ..tokenizer import load_tokenizer
+from .shards import SHARD_GLOB, ShardWriter, open_shard, shard_name
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 PROGRESS = ".prepare_progress.npz"  # in the output folder while a run is unfinished

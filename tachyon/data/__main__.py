@@ -1,0 +1,7 @@
+"""`python -m tachyon.data`: see tachyon.data.cli."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
