@@ -1,25 +1,29 @@
 """Text generation with a KV cache: `python -m tachyon.generate` and `generate()` / `generate_ids()`.
 
-The prompt is run through the model once (`prefill`), filling one KVCache per layer; after
-that each new token costs one single-position forward (`decode_one_token`) that attends to the
-cached keys and values rather than a forward over the whole prefix. Prompts of different lengths
-share a batch by left padding plus a key mask; RoPE is relative, so a row shifted right by its
-padding scores exactly as it would alone.
+The prompt is run through the model once (`prefill`), filling one KVCache per layer and computing
+the head's logits for the last position only; after that each new token costs one single-position
+forward (`decode_one_token`) that attends to the cached keys and values rather than a forward over
+the whole prefix. Prompts of different lengths share a batch by left padding plus a key mask; RoPE
+is relative, so a row shifted right by its padding scores exactly as it would alone.
 
 The caches have a fixed length and the write position is a tensor, so `decode_one_token` compiles
 to one graph for every step (gpt-fast style): `compile=True` / `--compile` wraps it in
-torch.compile (CUDA graphs on CUDA); the prefill stays eager.
+torch.compile (CUDA graphs on CUDA); the prefill stays eager. Sampling options travel as one
+`SamplingConfig`; `generate()` and the CLI run the model under the same autocast dtype
+(hardware.autocast_dtype: bf16 on a CUDA GPU that has it, else fp32).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,13 @@ import torch
 
 from .checkpoint import DEFAULT_RUN_DIR, checkpoint_tokenizer, latest_checkpoint, load_model
 from .errors import TachyonError, run_cli
-from .hardware import resolve_device
+from .hardware import autocast_dtype, resolve_device
 from .layers import KVCache
 from .model import TachyonLM
 from .tokenizer import Tokenizer, check_fits
 
 __all__ = [
+    "SamplingConfig",
     "compiled_decode",
     "decode_one_token",
     "generate",
@@ -40,7 +45,6 @@ __all__ = [
     "left_pad",
     "prefill",
     "sample",
-    "validate_sampling",
 ]
 
 QUIT_WORDS = frozenset({"quit", "exit", "q"})
@@ -50,16 +54,24 @@ QUIT_WORDS = frozenset({"quit", "exit", "q"})
 # Sampling
 
 
-def validate_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    """Raise TachyonError for values that have no meaning (NaN fails every comparison, so it fails too)."""
-    if not max_new_tokens >= 1:
-        raise TachyonError(f"max new tokens must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise TachyonError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not top_k >= 0:
-        raise TachyonError(f"top-k must be >= 0 (0 = no top-k cut), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise TachyonError(f"top-p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How many tokens to generate and how to pick each one; checked when made (NaN fails every check too)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 50  # sample among the k likeliest; 0: no top-k cut
+    top_p: float = 0.9  # nucleus mass; 1: no nucleus cut
+
+    def __post_init__(self) -> None:
+        if not self.max_new_tokens >= 1:
+            raise TachyonError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise TachyonError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not self.top_k >= 0:
+            raise TachyonError(f"top-k must be >= 0 (0 = no top-k cut), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise TachyonError(f"top-p must be in (0, 1] (1 = no nucleus cut), got {self.top_p}")
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -109,10 +121,11 @@ def prefill(model: TachyonLM, idx: torch.Tensor, caches: list[KVCache],
     """Run the (left-padded) prompts idx (B, T) through the model at positions 0..T-1, filling the empty caches.
 
     mask (B, max_len) marks the attendable keys over the whole cache (None when no row is
-    padded). Returns the logits (B, V) at the last position: the distribution of the first new token.
+    padded). Returns the logits (B, V) of the last position, the only one the head computes: the
+    distribution of the first new token.
     """
     input_pos = torch.arange(idx.shape[1], device=idx.device)  # (T,)
-    return model(idx, caches=caches, mask=mask, input_pos=input_pos).logits[:, -1]
+    return model(idx, caches=caches, mask=mask, input_pos=input_pos, last_only=True).logits[:, -1]
 
 
 @torch.no_grad()
@@ -122,7 +135,7 @@ def decode_one_token(model: TachyonLM, token: torch.Tensor, input_pos: torch.Ten
 
     mask (B, max_len) marks the attendable keys over the whole cache (None when no row is padded).
     """
-    return model(token, caches=caches, mask=mask, input_pos=input_pos).logits[:, -1]
+    return model(token, caches=caches, mask=mask, input_pos=input_pos, last_only=True).logits[:, -1]
 
 
 @functools.cache
@@ -213,13 +226,13 @@ def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tens
       so every prompt of a batch size reuses one graph; the first call pays for compiling.
     The model is put in eval mode while generating and restored afterwards.
     """
-    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
     device = _model_device(model)
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     idx, prompt_mask = left_pad(prompts, pad_id, device)
     batch, prompt_len = idx.shape
-    budget, _ = token_budget(prompt_len, max_new_tokens, model.config.max_seq_len)
+    budget, _ = token_budget(prompt_len, sampling.max_new_tokens, model.config.max_seq_len)
     generator = make_generator(seed, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     max_len = model.config.max_seq_len if compile else prompt_len + budget - 1  # the last token is never fed back
@@ -229,7 +242,7 @@ def generate_ids(model: TachyonLM, prompts: Sequence[Sequence[int]] | torch.Tens
     def pick(logits: torch.Tensor) -> torch.Tensor:
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
-        return sample(logits, temperature, top_k, top_p, generator)
+        return sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
 
     was_training = model.training
     model.eval()
@@ -282,27 +295,36 @@ def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], model: TachyonLM)
     return ids
 
 
+def text_ids(model: TachyonLM, tokenizer: Tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig,
+             seed: int | torch.Generator | None, compile: bool) -> Iterator[torch.Tensor]:
+    """generate_ids for prompts of `tokenizer`: its end-of-text, pad and vocab size, and the autocast dtype of
+    hardware.autocast_dtype, so that generate() and the CLI run the model alike."""
+    return generate_ids(model, prompt_ids, **dataclasses.asdict(sampling), seed=seed, eot_id=tokenizer.eot_id,
+                        pad_id=tokenizer.fill_id, vocab_limit=tokenizer.vocab_size,
+                        amp_dtype=autocast_dtype(_model_device(model)), compile=compile)
+
+
 def generate(model: TachyonLM, tokenizer: Tokenizer, prompts: str | list[str], max_new_tokens: int = 128,
              temperature: float = 0.8, top_k: int = 50, top_p: float = 0.9,
              seed: int | torch.Generator | None = None, compile: bool = False) -> str | list[str]:
     """Continue one prompt (-> str) or a list of prompts (-> list[str]); returns only the new text.
 
     Each row stops at the tokenizer's end-of-text token or after max_new_tokens; if the model's
-    context fills first, generation stops there with a warning. temperature 0 is greedy.
+    context fills first, generation stops there with a warning. temperature 0 is greedy. On a CUDA
+    GPU with bf16 the model runs under bf16 autocast, as in the CLI (see text_ids).
     compile: torch.compile the decode step (see generate_ids).
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     if not texts:
         return []
-    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
     prompt_ids = encode_prompts(tokenizer, texts, model)
     _, context_bound = token_budget(max(map(len, prompt_ids)), max_new_tokens, model.config.max_seq_len)
     eot = tokenizer.eot_id
     new_ids: list[list[int]] = [[] for _ in texts]
     finished = [False] * len(texts)
-    for step in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eot,
-                             tokenizer.fill_id, tokenizer.vocab_size, compile=compile):
+    for step in text_ids(model, tokenizer, prompt_ids, sampling, seed, compile):
         for row, token in enumerate(step.tolist()):
             if finished[row] or token == eot:
                 finished[row] = True
@@ -382,8 +404,8 @@ def load_for_generation(checkpoint: str | Path | None, tokenizer_path: str | Pat
     return model, tokenizer, path
 
 
-def stream_completion(model: TachyonLM, tokenizer: Tokenizer, prompt: str, args: argparse.Namespace,
-                      generator: torch.Generator | None, echo_prompt: bool = False,
+def stream_completion(model: TachyonLM, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig,
+                      generator: torch.Generator | None, compile: bool = False, echo_prompt: bool = False,
                       out: Any = None) -> tuple[int, float]:
     """Print the continuation of one prompt to `out` as tokens arrive; return (new tokens, seconds).
 
@@ -394,14 +416,11 @@ def stream_completion(model: TachyonLM, tokenizer: Tokenizer, prompt: str, args:
     prompt_ids = encode_prompts(tokenizer, [prompt], model)
     if echo_prompt:
         out.write(prompt)
-    budget, context_bound = token_budget(len(prompt_ids[0]), args.max_tokens, model.config.max_seq_len)
+    budget, context_bound = token_budget(len(prompt_ids[0]), sampling.max_new_tokens, model.config.max_seq_len)
     stream = TextStream(tokenizer, prompt_ids[0])
-    amp = torch.bfloat16 if model.embed.weight.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     count, hit_eot = 0, False
     start = time.perf_counter()
-    for step in generate_ids(model, prompt_ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                             generator, tokenizer.eot_id, tokenizer.fill_id, tokenizer.vocab_size, amp,
-                             compile=args.compile):
+    for step in text_ids(model, tokenizer, prompt_ids, sampling, generator, compile):
         token = int(step[0])
         count += 1
         if token == tokenizer.eot_id:
@@ -421,8 +440,8 @@ def _report_speed(count: int, seconds: float) -> None:
     print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 
-def interactive(model: TachyonLM, tokenizer: Tokenizer, args: argparse.Namespace,
-                generator: torch.Generator | None) -> None:
+def interactive(model: TachyonLM, tokenizer: Tokenizer, sampling: SamplingConfig,
+                generator: torch.Generator | None, compile: bool = False) -> None:
     """Read prompts until quit/exit/q, Ctrl-D or end of input; Ctrl-C stops the current reply."""
     print("Type a prompt and press Enter (quit, exit, q or Ctrl-D to leave).", file=sys.stderr)
     while True:
@@ -440,7 +459,7 @@ def interactive(model: TachyonLM, tokenizer: Tokenizer, args: argparse.Namespace
         if not prompt.strip():
             continue
         try:
-            _report_speed(*stream_completion(model, tokenizer, prompt, args, generator))
+            _report_speed(*stream_completion(model, tokenizer, prompt, sampling, generator, compile))
         except KeyboardInterrupt:
             print("\n[interrupted]", file=sys.stderr)
         except TachyonError as e:  # e.g. a prompt too long for the context: say so and keep going
@@ -475,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     """The CLI's body: one completion for --prompt, else the interactive loop."""
-    validate_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p)
+    sampling = SamplingConfig(args.max_tokens, args.temperature, args.top_k, args.top_p)
     if args.prompt is not None and not args.prompt:
         raise TachyonError("the prompt is empty: give at least one character of text")
     device = resolve_device(args.device)
@@ -484,9 +503,10 @@ def _run(args: argparse.Namespace) -> None:
     if args.prompt is None:
         print(f"loaded {path} ({model.config.n_layers} layers, d_model {model.config.d_model}) on {device}",
               file=sys.stderr)
-        interactive(model, tokenizer, args, generator)
+        interactive(model, tokenizer, sampling, generator, args.compile)
         return
-    _report_speed(*stream_completion(model, tokenizer, args.prompt, args, generator, echo_prompt=True))
+    _report_speed(*stream_completion(model, tokenizer, args.prompt, sampling, generator, args.compile,
+                                     echo_prompt=True))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from .moe import MoE, RouterStats
 class ModelOutput(NamedTuple):
     """Logits and the loss broken into its parts (losses are None without targets)."""
 
-    logits: torch.Tensor | None  # (B, T, V); None when targets were given without return_logits
+    logits: torch.Tensor | None  # (B, T, V), (B, 1, V) with last_only; None with targets unless return_logits
     loss: torch.Tensor | None  # ce + z_loss + balance_loss
     ce: torch.Tensor | None
     z_loss: torch.Tensor | None
@@ -69,7 +69,8 @@ class TachyonLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, mask: torch.Tensor | None = None,
-                return_logits: bool = False, input_pos: torch.Tensor | None = None) -> ModelOutput:
+                return_logits: bool = False, input_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> ModelOutput:
         """idx (B, T) token ids; targets (B, T) with IGNORE_INDEX for positions not scored.
 
         With targets the loss comes from the fused LM head + cross-entropy, which never holds
@@ -77,7 +78,8 @@ class TachyonLM(nn.Module):
         `return_logits` is set. With `caches` (one KVCache per layer) idx holds the tokens at
         cache positions input_pos (T,) int64, a tensor so that a compiled decode step serves every
         position. mask marks attendable key positions when prompts are padded: (B, T) without
-        caches, (B, max_len) over the whole cache with them.
+        caches, (B, max_len) over the whole cache with them. last_only computes the logits of the last
+        position alone, (B, 1, V): all that generation needs, without a (B, T, V) tensor for a long prompt.
         """
         self._check_positions(idx.shape[1], caches, input_pos)
         x = self.embed(idx)  # (B, T, d)
@@ -91,7 +93,10 @@ class TachyonLM(nn.Module):
             stats.append(s)
         x = self.norm(x)  # (B, T, d)
         fraction = torch.stack([s.expert_fraction for s in stats])
-        logits = F.linear(x, self.embed.weight) if targets is None or return_logits else None  # (B, T, V), tied
+        if targets is None or return_logits:
+            logits = F.linear(x[:, -1:] if last_only else x, self.embed.weight)  # (B, T or 1, V), tied head
+        else:
+            logits = None
         if targets is None:
             return ModelOutput(logits, None, None, None, None, fraction)
         ce = kernels.linear_cross_entropy(x, self.embed.weight, targets, IGNORE_INDEX)

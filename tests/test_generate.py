@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 from tachyon import generate as gen
 from tachyon.checkpoint import export_safetensors
 from tachyon.config import PRESETS
@@ -97,9 +98,10 @@ def _full_logits(model: TachyonLM, ids: list[int]) -> torch.Tensor:
 # Cached decoding == full forward
 
 
-def _check_cached_against_full(model: TachyonLM, prompts: list[list[int]]) -> float:
-    """Prefill then decode STEPS teacher-forced random tokens; compare each row's logits with a full forward
-    over that row's unpadded sequence at every step. Returns the largest difference seen."""
+def _check_cached_against_full(model: TachyonLM, prompts: list[list[int]],
+                               decode: Callable[..., torch.Tensor] = gen.decode_one_token) -> float:
+    """Prefill then decode STEPS teacher-forced random tokens with `decode`; compare each row's logits with a full
+    forward over that row's unpadded sequence at every step. Returns the largest difference seen."""
     g = torch.Generator().manual_seed(1)
     forced = torch.randint(2, model.config.vocab_size, (len(prompts), STEPS), generator=g)
     idx, prompt_mask = gen.left_pad(prompts, pad_id=1)
@@ -119,13 +121,11 @@ def _check_cached_against_full(model: TachyonLM, prompts: list[list[int]]) -> fl
         for row, seq in enumerate(sequences):
             seq.append(int(token[row]))
         input_pos = torch.tensor([width + step])
-        logits = gen.decode_one_token(model, token[:, None], input_pos, caches, mask)
+        logits = decode(model, token[:, None], input_pos, caches, mask)
     assert caches[0].k.shape == (batch, width + STEPS + 3, model.config.n_kv_heads, model.config.head_dim)
     return worst
 
 
-def test_cached_decoding_matches_full_forward(model: TachyonLM) -> None:
-    assert _check_cached_against_full(model, [[5, 17, 300, 4000, 9]]) < 1e-4
 
 
 def test_left_padded_batch_matches_each_row_alone(model: TachyonLM) -> None:
@@ -232,6 +232,61 @@ def compiled_graphs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[torch.fx.G
     monkeypatch.setattr(gen, "compiled_decode", lambda device_type: compiled)
     yield graphs
     torch._dynamo.reset()
+
+
+def test_compiled_decode_matches_full_forward_at_every_step(model: TachyonLM, compiled_graphs: list) -> None:
+    """decode_one_token under torch.compile(fullgraph=True), kernels on the reference backend (the CPU's), fp32:
+    one graph for all STEPS steps, each step's logits within 1e-4 of a full forward over the sequence so far."""
+    compiled = gen.compiled_decode("cpu")  # the fixture's fullgraph compile
+    assert next(model.parameters()).dtype == torch.float32
+    with kernels.use("reference"):
+        assert _check_cached_against_full(model, [[5, 17, 300, 4000, 9]], decode=compiled) < 1e-4
+    assert len(compiled_graphs) == 1
+
+
+def test_prefill_computes_the_head_for_the_last_position_only(model: TachyonLM) -> None:
+    """No (B, T, vocab) tensor is made for a prompt; the last position's logits equal the full forward's."""
+    idx = torch.randint(2, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    caches = model.new_caches(2, 48)
+    with _OutputShapes() as shapes:
+        logits = gen.prefill(model, idx, caches)
+    vocab = model.config.vocab_size
+    assert (2, 1, vocab) in shapes.seen and (2, 40, vocab) not in shapes.seen and (80, vocab) not in shapes.seen
+    with torch.no_grad():
+        full = model(idx).logits
+    assert full.shape == (2, 40, vocab) and torch.allclose(logits, full[:, -1], atol=1e-4, rtol=0)
+
+
+class _OutputShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - the dispatch protocol
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.seen.append(tuple(t.shape))
+        return out
+
+
+def test_generate_and_the_cli_run_under_one_autocast_dtype(model: TachyonLM, tokenizer: Tokenizer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ask hardware.autocast_dtype (bf16 on a CUDA GPU); faked here as float64 so the CPU can tell."""
+    seen: list[torch.dtype | None] = []
+    real = gen.generate_ids
+
+    def recording(*args: object, **kwargs: object) -> Iterator[torch.Tensor]:
+        seen.append(kwargs["amp_dtype"])
+        return real(*args, **{**kwargs, "amp_dtype": None})
+
+    monkeypatch.setattr(gen, "autocast_dtype", lambda device: torch.float64)
+    monkeypatch.setattr(gen, "generate_ids", recording)
+    gen.generate(model, tokenizer, "x", max_new_tokens=2, temperature=0)
+    gen.stream_completion(model, tokenizer, "x", gen.SamplingConfig(max_new_tokens=2), None, out=io.StringIO())
+    assert seen == [torch.float64, torch.float64]
 
 
 def test_compiled_decode_gives_the_eager_tokens(model: TachyonLM, compiled_graphs: list) -> None:
