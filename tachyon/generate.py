@@ -31,7 +31,7 @@ import torch
 
 from .checkpoint import DEFAULT_RUN_DIR, checkpoint_tokenizer, latest_checkpoint, load_model
 from .errors import TachyonError, run_cli
-from .hardware import autocast_dtype, resolve_device
+from .hardware import autocast_dtype, check_kernel_backend, resolve_device
 from .layers import KVCache
 from .model import TachyonLM
 from .tokenizer import Tokenizer, check_fits
@@ -498,6 +498,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.prompt is not None and not args.prompt:
         raise TachyonError("the prompt is empty: give at least one character of text")
     device = resolve_device(args.device)
+    check_kernel_backend()
     model, tokenizer, path = load_for_generation(args.checkpoint, args.tokenizer, device)
     generator = make_generator(args.seed, device)
     if args.prompt is None:

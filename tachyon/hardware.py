@@ -78,3 +78,17 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def check_kernel_backend() -> str:
+    """The kernel backend in force, or a TachyonError (one line) when $TACHYON_KERNELS names none.
+
+    kernels checks the variable only when it is used, so a CLI asks here first instead of failing
+    with a traceback in the middle of a run.
+    """
+    import kernels  # here, not at module level: hardware is imported where Triton must not be
+
+    try:
+        return kernels.get_backend()
+    except ValueError as e:
+        raise TachyonError(f"{e} (or pass --kernels where the command has it)") from None

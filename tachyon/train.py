@@ -43,7 +43,7 @@ from .checkpoint import (
 from .config import PRESETS, ModelConfig, active_params, flops_per_token, get_preset, total_params
 from .data import BatchLoader, embedded_default
 from .errors import Interrupted, TachyonError, run_cli
-from .hardware import autocast_dtype, bf16_peak_flops, peak_memory_gb, resolve_device
+from .hardware import autocast_dtype, bf16_peak_flops, check_kernel_backend, peak_memory_gb, resolve_device
 from .optim import LRSchedule
 from .tokenizer import Tokenizer, check_fits, check_same_tokenizer, load_tokenizer, padded_vocab_size
 from .trainer import DEFAULT_GRAD_CLIP, DEFAULT_WEIGHT_DECAY, StepSettings, Trainer, build_trainer, params_finite
@@ -557,6 +557,7 @@ def _train(args: argparse.Namespace) -> Path:
     """The body of `train`, run while the run directory is locked."""
     if args.kernels is not None:
         kernels.set_backend(args.kernels)
+    check_kernel_backend()
     log = tqdm.write
     seed_everything(args.seed)
     data_dir, tokenizer_path, tokenizer = training_data(args, log)

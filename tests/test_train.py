@@ -273,6 +273,17 @@ def test_every_numeric_option_is_checked_before_any_work(tmp_path: Path, capsys:
     assert not run.exists()
 
 
+def test_a_bad_kernels_environment_value_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """TACHYON_KERNELS=nonsense (read when kernels was imported) is refused before any work, in one line."""
+    import kernels._backend
+
+    monkeypatch.setattr(kernels._backend, "_backend", "nonsense")
+    data, run = make_shards(tmp_path / "data"), tmp_path / "run"
+    expect_error(capsys, base_args(data, run, "--max-steps", "1"), "unknown $TACHYON_KERNELS value 'nonsense'")
+    assert not (run / "checkpoint_1.pt").exists()
+
+
 def test_an_update_that_makes_parameters_non_finite_stops_the_run_and_is_never_saved(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     data, run = make_shards(tmp_path / "data"), tmp_path / "run"
