@@ -16,7 +16,7 @@ try:  # flash-attn is optional (the `flash` extra); SDPA is the fallback.
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
-__all__ = ["Attention", "KVCache", "RMSNorm", "RotaryEmbedding", "SwiGLU", "attention_mask"]
+__all__ = ["Attention", "KVCache", "RMSNorm", "RotaryEmbedding", "SwiGLU", "allowed_keys", "attention_mask"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -74,6 +74,18 @@ def attention_mask(query_pos: torch.Tensor, key_len: int, key_mask: torch.Tensor
     return ((causal & key_mask[:, None, :]) | own)[:, None]  # (B, 1, T, S)
 
 
+def allowed_keys(num_tokens: int, key_mask: torch.Tensor | None, caches: list[KVCache] | None,
+                 input_pos: torch.Tensor | None) -> torch.Tensor | None:
+    """The keys each query may see, for every layer of one forward (see attention_mask): None for causal
+    attention over unpadded tokens (the training path), else a (B or 1, 1, T, S) bool mask over the
+    tokens themselves, or over the whole cache when decoding (key_mask (B, max_len) then)."""
+    if caches is None:
+        if key_mask is None:
+            return None
+        return attention_mask(torch.arange(num_tokens, device=key_mask.device), num_tokens, key_mask)
+    return attention_mask(input_pos, caches[0].max_len, key_mask)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
             allowed: torch.Tensor | None) -> torch.Tensor:
     """GQA attention on (B, T, H, D) q and (B, S, Hkv, D) k/v -> (B, T, H, D).
@@ -105,11 +117,12 @@ class Attention(nn.Module):
         self.k_norm = nn.Parameter(torch.ones(self.head_dim))
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                allowed: torch.Tensor | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model); with a cache, x holds positions input_pos (T,) of it.
 
-        mask marks the attendable key positions (False = padding): (B, T) without a cache, (B,
-        cache.max_len) with one. RoPE uses the absolute positions: 0..T-1, or input_pos.
+        allowed (B or 1, 1, T, S) marks the keys each query sees (see allowed_keys, built once per forward
+        for all layers); None is plain causal attention over x itself. RoPE uses the absolute positions:
+        0..T-1, or input_pos.
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -117,10 +130,7 @@ class Attention(nn.Module):
         q, k, v = qkv.split((H, Hkv, Hkv), dim=2)  # views: (B, T, H, D), (B, T, Hkv, D) x 2
         cos, sin = (rotary.cos, rotary.sin) if cache is None else (rotary.cos[input_pos], rotary.sin[input_pos])
         q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos, sin, 0, self.eps)
-        if cache is None:
-            allowed = None if mask is None else attention_mask(torch.arange(T, device=x.device), T, mask)
-        else:
+        if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, max_len, Hkv, D) each
-            allowed = attention_mask(input_pos, cache.max_len, mask)
         out = _attend(q, k, v, self.dropout if self.training else 0.0, allowed)  # (B, T, H, D)
         return self.proj(out.reshape(B, T, H * D))

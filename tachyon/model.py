@@ -13,7 +13,7 @@ import kernels
 
 from .config import INIT_STD, ModelConfig
 from .data.loader import IGNORE_INDEX  # the loader's target for positions not scored
-from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
+from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, allowed_keys
 from .moe import MoE, RouterStats
 
 
@@ -47,9 +47,9 @@ class Block(nn.Module):
         nn.init.normal_(self.attn.proj.weight, std=residual_std)
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
+                allowed: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, RouterStats]:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, mask, input_pos))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, allowed, input_pos))
         ffn, stats = self.moe(self.ffn_norm(x))
         return x + self.dropout(ffn), stats
 
@@ -84,12 +84,13 @@ class TachyonLM(nn.Module):
         self._check_positions(idx.shape[1], caches, input_pos)
         x = self.embed(idx)  # (B, T, d)
         stats = []
+        allowed = allowed_keys(idx.shape[1], mask, caches, input_pos)  # once, for every layer
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
             if self.gradient_checkpointing and self.training:
-                x, s = checkpoint(block, x, self.rotary, cache, mask, input_pos, use_reentrant=False)
+                x, s = checkpoint(block, x, self.rotary, cache, allowed, input_pos, use_reentrant=False)
             else:
-                x, s = block(x, self.rotary, cache, mask, input_pos)
+                x, s = block(x, self.rotary, cache, allowed, input_pos)
             stats.append(s)
         x = self.norm(x)  # (B, T, d)
         fraction = torch.stack([s.expert_fraction for s in stats])

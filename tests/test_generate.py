@@ -561,3 +561,16 @@ def test_export_refuses_bad_destinations_and_writes_a_readable_file(files: dict[
     assert mode == 0o666 & ~umask
     _, meta = load_model(tmp_path / "m.safetensors")
     assert meta["step"] == 7
+
+
+def test_the_attention_mask_is_built_once_per_forward(model: TachyonLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left-padded generation builds the key mask once per model call (prefill, each decode step), not in
+    every layer on every token."""
+    import tachyon.layers as layers
+
+    assert model.config.n_layers > 1
+    calls: list[int] = []
+    build = layers.attention_mask
+    monkeypatch.setattr(layers, "attention_mask", lambda *a: calls.append(1) or build(*a))
+    steps = list(gen.generate_ids(model, [[5, 6, 7], [8]], max_new_tokens=4, temperature=0))
+    assert len(steps) == 4 and len(calls) == 1 + 3  # the prefill, then 3 decode steps (the last token is not fed)
