@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import json
-import os
 import platform
 import statistics
 import subprocess
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from tachyon.files import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MB, H200: 60 MB, B200: 126 MB)
@@ -228,8 +228,6 @@ def write_results(name: str, records: list[dict[str, Any]], extra: dict[str, Any
     path = path or results_path(name, env, stamp)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "created": stamp, "environment": env, **(extra or {}), "records": records}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)
     return path
 
