@@ -1,4 +1,5 @@
-"""Decode throughput for nano: KV-cached generation vs a full forward over the prefix per token.
+"""Decode throughput for nano: KV-cached generation vs a full forward over the prefix per token, and the
+compiled decode step (torch.compile, CUDA graphs; GPU only) vs eager.
 
 Both generate 512 tokens greedily after an 8-token prompt (nano's context is stretched to 520
 so they fit). The cached run is timed whole, by bench.harness.bench with one repetition (on a
@@ -73,4 +74,25 @@ def test_decode_throughput(benchmark, record, nano: TachyonLM, device: str, mode
         fields["stride"] = STRIDE
     if "cached" in _RESULTS and "uncached" in _RESULTS:
         fields["cached_over_uncached"] = _RESULTS["cached"] / _RESULTS["uncached"]
+    record(**fields)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_decode_compiled_vs_eager(benchmark, record, nano: TachyonLM, device: str, mode: str) -> None:
+    """KV-cached decode tokens/s with decode_one_token eager vs under torch.compile(fullgraph=True) (CUDA graphs)."""
+    if mode == "compiled" and device != "cuda":
+        pytest.skip("Inductor's CPU C++ build takes minutes on two cores: compiled decode is timed on a GPU")
+    compile = mode == "compiled"
+    list(generate_ids(nano, _prompt(device), 8, temperature=0, compile=compile))  # compile + warm up, untimed
+
+    def decode() -> None:
+        steps = generate_ids(nano, _prompt(device), NEW_TOKENS, temperature=0, compile=compile)
+        assert sum(1 for _ in steps) == NEW_TOKENS
+
+    seconds = benchmark.pedantic(lambda: bench(decode, device, reps=1).median_s, rounds=1, iterations=1)
+    _RESULTS[mode] = NEW_TOKENS / seconds
+    fields = dict(op="decode", impl=mode, shape=f"nano prompt {PROMPT_LEN} + {NEW_TOKENS} new", device=device,
+                  threads=torch.get_num_threads(), seconds=seconds, tokens_per_s=NEW_TOKENS / seconds)
+    if "eager" in _RESULTS and "compiled" in _RESULTS:
+        fields["compiled_over_eager"] = _RESULTS["compiled"] / _RESULTS["eager"]
     record(**fields)
