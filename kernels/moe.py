@@ -120,15 +120,15 @@ INTERPRETER_VARIANTS = ("pointer",)
 _WIDEST_TILE_N = 256  # the widest BLOCK_N any weight-gradient config uses: sizes the reduction split
 
 
-_TMA_ROLES = ("gate_up", "down", "down_dgrad", "gate_up_dgrad")  # the weight gradients have no TMA variant yet
+_MM_ROLES = ("gate_up", "down", "down_dgrad", "gate_up_dgrad")  # the grouped-GEMM kernel's roles (not wgrad)
 
 
 def _config(tile: tuple[int, int, int, int, int], kind: str, min_capability: tuple[int, int] = (8, 0),
-            tma: bool | None = None, permute: bool = False) -> triton.Config:
+            tma: bool = False, permute: bool | None = None) -> triton.Config:
+    """One candidate; permute None for the weight-gradient kernel, which has no PERMUTE_A."""
     bm, bn, bk, warps, stages = tile
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-    if tma is not None:
-        meta["USE_TMA"] = tma
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma}
+    if permute is not None:
         meta["PERMUTE_A"] = permute
     config = triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_permute_rows if permute else None)
     config.kind = kind  # "16-bit", "fp32" or "interpreter": which operands the config is for
@@ -141,14 +141,13 @@ def role_configs(role: str) -> list[triton.Config]:
     tiles (each also as a TMA variant on Hopper, for the roles that have one), the fp32 tiles, and the
     interpreter's one tile (in each variant)."""
     hopper_only = _HOPPER_ONLY.get(role, set())
-    variants = (False, True) if role in _TMA_ROLES else (None,)
-    pointer = None if variants == (None,) else False
+    no_permute = False if role in _MM_ROLES else None
     permuted = role == "gate_up"  # the one GEMM that gathers its A rows
-    return ([_config(t, "16-bit", (9, 0) if t in hopper_only else (8, 0), tma) for tma in variants
+    return ([_config(t, "16-bit", (9, 0) if t in hopper_only else (8, 0), tma, no_permute) for tma in (False, True)
              for t in _ROLE_TILES[role]]
             + [_config(t, "16-bit", tma=True, permute=True) for t in _ROLE_TILES[role] if permuted]
-            + [_config(t, "fp32", tma=pointer) for t in _FP32_ROLE_TILES.get(role, _FP32_TILES)]
-            + [_config(_INTERPRETER_TILE, "interpreter", tma=tma) for tma in variants]
+            + [_config(t, "fp32", permute=no_permute) for t in _FP32_ROLE_TILES.get(role, _FP32_TILES)]
+            + [_config(_INTERPRETER_TILE, "interpreter", tma=tma, permute=no_permute) for tma in (False, True)]
             + [_config(_INTERPRETER_TILE, "interpreter", tma=True, permute=True) for _ in range(permuted)])
 
 
@@ -187,14 +186,15 @@ def _variant(config: triton.Config) -> str:
     """"pointer", "tma" or "tma-permuted": how a grouped-GEMM config reads its operands."""
     if not config.kwargs.get("USE_TMA", False):
         return "pointer"
-    return "tma-permuted" if config.kwargs["PERMUTE_A"] else "tma"
+    return "tma-permuted" if config.kwargs.get("PERMUTE_A", False) else "tma"
 
 
 def _tma_fits(named_args: dict, kwargs: dict) -> bool:
     """Whether TMA descriptors can address the operands: 16-byte aligned bases and leading strides,
     a contiguous last dim (for A only when it is not gathered)."""
     a, b = named_args["a_ptr"], named_args["b_ptr"]
-    tensors = [b] if kwargs.get("GATHER_A") else [a, b]
+    wgrad = "num_splits" in named_args  # the weight-gradient kernel reads only B by TMA
+    tensors = [b] if kwargs.get("GATHER_A") or wgrad else [a, b]
     if kwargs.get("GATHER_A") and named_args.get("a_sorted_ptr") is not None:
         tensors.append(named_args["a_sorted_ptr"])  # what the permuted variant reads by TMA
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
@@ -469,6 +469,7 @@ def _grouped_wgrad_kernel(
     c_ptr,  # (E, num_splits, M, N) out, contiguous: split j of C[e] = A_e^T @ B_e (zero if no rows)
     order_ptr,  # (S,) int32 assignment index at each sorted position
     offsets_ptr,  # (E + 1,) int32 first sorted position of each expert, then S
+    num_rows,  # S
     M,  # output rows (the weight's input dim)
     N,  # output columns (the weight's output dim)
     num_splits,  # parts each expert's rows are split into (partial sums, added up afterwards)
@@ -476,6 +477,7 @@ def _grouped_wgrad_kernel(
     stride_ak,  # a stride between columns
     TOP_K: tl.constexpr,  # k: turns an assignment index into its token row (a shift for k = 2)
     GATHER_A: tl.constexpr,  # read A's rows through order (token rows of x) instead of sorted rows
+    USE_TMA: tl.constexpr,  # Hopper: B's (BLOCK_K, BLOCK_N) tiles by TMA copies (rows past the part zeroed)
     UPCAST: tl.constexpr,  # widen tiles to fp32 before the dot (bf16 under the interpreter)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" otherwise
     BLOCK_M: tl.constexpr,  # output rows per tile
@@ -484,7 +486,11 @@ def _grouped_wgrad_kernel(
     GROUP_M: tl.constexpr,  # row tiles per swizzle group
 ):
     """Per-expert weight gradient, a reduction over that expert's tokens, optionally split over them
-    into num_splits partial sums (more programs when there are few tiles); no atomics, deterministic."""
+    into num_splits partial sums (more programs when there are few tiles); no atomics, deterministic.
+
+    A is always read by masked pointer loads (it is gathered, or read transposed). Under USE_TMA a TMA
+    copy of B's tile also brings the rows past this part's end, which belong to the next expert: they
+    are zeroed before the dot, so that even a non-finite row there cannot reach this expert's gradient."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -502,6 +508,8 @@ def _grouped_wgrad_kernel(
     per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_K) * BLOCK_K
     start = lo + split * per_split
     end = tl.minimum(start + per_split, hi)
+    if USE_TMA:
+        b_desc = tl.make_tensor_descriptor(b_ptr, [num_rows, N], [N, 1], [BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s0 in range(start, end, BLOCK_K):
         s = s0 + tl.arange(0, BLOCK_K)
@@ -512,7 +520,11 @@ def _grouped_wgrad_kernel(
             src = s
         a = tl.load(a_ptr + src[None, :].to(tl.int64) * stride_am + ms[:, None] * stride_ak,
                     mask=m_ok[:, None] & s_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + s[:, None].to(tl.int64) * N + ns[None, :], mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+        if USE_TMA:
+            b = tl.where(s_ok[:, None], b_desc.load([s0, pid_n * BLOCK_N]), 0.0)
+        else:
+            b = tl.load(b_ptr + s[:, None].to(tl.int64) * N + ns[None, :], mask=s_ok[:, None] & n_ok[None, :],
+                        other=0.0)
         acc = _dot(a, b, acc, UPCAST, DOT_PRECISION)
     c_ptrs = c_ptr + part.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -719,7 +731,8 @@ def _grouped_wgrad(role: str, a: torch.Tensor, b: torch.Tensor, order: torch.Ten
     splits = num_splits or wgrad_splits(num_experts, M, N, a.device)
     out = torch.empty(num_experts, splits, M, N, dtype=dtype if splits == 1 else torch.float32, device=a.device)
     grid = lambda meta: (num_experts * splits * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _TUNED_WGRAD[role][grid](a, b, out, order, offsets, M, N, splits, a.stride(0), a.stride(1),
+    _set_tma_allocator(a.device)
+    _TUNED_WGRAD[role][grid](a, b, out, order, offsets, order.numel(), M, N, splits, a.stride(0), a.stride(1),
                              TOP_K=top_k, GATHER_A=gather, **_dot_flags(a.dtype))
     return out[:, 0] if splits == 1 else out.sum(1).to(dtype)
 

@@ -134,7 +134,14 @@ def test_moe_autotune_configs_follow_dtype_and_gpu(monkeypatch: pytest.MonkeyPat
     the pointer tiles that do not spill there; under the interpreter its one small tile."""
     monkeypatch.setattr(moe_mod, "INTERPRET", interpret)
     configs = moe_mod.role_configs(role)
-    args = lambda dtype: {"a_ptr": torch.empty(8, 8, dtype=dtype), "b_ptr": torch.empty(2, 8, 8, dtype=dtype)}
+    def args(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        tensors = {"a_ptr": torch.empty(8, 8, dtype=dtype), "b_ptr": torch.empty(2, 8, 8, dtype=dtype)}
+        if role in MM_ROLES:  # the grouped-GEMM kernel also gets the permuted-A buffer
+            tensors["a_sorted_ptr"] = torch.empty(8, 8, dtype=dtype)
+        else:  # the weight-gradient kernel: only B is read by TMA
+            tensors["num_splits"] = 1
+        return tensors
+
     fp32 = moe_mod._keep_dtype_configs(configs, args(torch.float32))
     bf16 = moe_mod._keep_dtype_configs(configs, args(torch.bfloat16))
     if interpret:
@@ -142,7 +149,8 @@ def test_moe_autotune_configs_follow_dtype_and_gpu(monkeypatch: pytest.MonkeyPat
         return
     assert _tiles(fp32) == moe_mod._FP32_ROLE_TILES.get(role, moe_mod._FP32_TILES)
     assert _tiles(bf16, "pointer") == moe_mod._ROLE_TILES[role]
-    assert _tiles(bf16, "tma") == (moe_mod._ROLE_TILES[role] if role in MM_ROLES else [])
+    assert _tiles(bf16, "tma") == moe_mod._ROLE_TILES[role]
+    assert _tiles(bf16, "tma-permuted") == (moe_mod._ROLE_TILES[role] if role == "gate_up" else [])
     assert all(t[2] == 64 and t[0] * t[1] >= 64 * 64 for t in _tiles(bf16))
     monkeypatch.setattr(moe_mod, "NO_GPU_CAPABILITY", (8, 0))  # an A100: no TMA, no tile that spills there
     ampere = moe_mod._keep_dtype_configs(configs, args(torch.bfloat16))
@@ -162,6 +170,10 @@ def test_moe_tma_needs_aligned_operands(monkeypatch: pytest.MonkeyPatch) -> None
     assert not tma(bf16(8, 12), bf16(2, 12, 32), gather=False)
     assert tma(bf16(8, 12), bf16(2, 12, 32), gather=True)
     assert not tma(bf16(8, 16), bf16(2, 16, 12), gather=True)
+    wgrad = moe_mod.role_configs("w2_grad")  # reads A (here 24 B rows) by pointers: only B's rows count
+    kept = moe_mod._keep_dtype_configs(wgrad, {"a_ptr": bf16(8, 12), "b_ptr": bf16(8, 16), "num_splits": 1})
+    assert _tiles(kept, "tma") and not _tiles(moe_mod._keep_dtype_configs(
+        wgrad, {"a_ptr": bf16(8, 16), "b_ptr": bf16(8, 12), "num_splits": 1}), "tma")
 
 
 @pytest.fixture(params=["tma", "tma-permuted"])
@@ -169,19 +181,19 @@ def tma_variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Run the grouped GEMMs' TMA variant under the interpreter (or, for gate_up, the one that permutes x
     first), with 2 persistent programs so that each walks several tiles; yields a check that they ran."""
     variant = request.param
+    tuners = {**moe_mod._TUNED_MM, **moe_mod._TUNED_WGRAD}
     monkeypatch.setattr(moe_mod, "INTERPRETER_VARIANTS", (variant,))
     monkeypatch.setattr(moe_mod, "_num_sms", lambda device: 2)
-    for tuner in moe_mod._TUNED_MM.values():  # choices made for the pointer variant must not be reused
+    for tuner in tuners.values():  # choices made for the pointer variant must not be reused
         tuner.cache.clear()
 
     def ran() -> bool:
-        roles = MM_ROLES if variant == "tma" else ("gate_up",)  # only gate_up gathers, so only it permutes
-        return all(moe_mod._TUNED_MM[role].cache and all(moe_mod._variant(c) == variant
-                                                         for c in moe_mod._TUNED_MM[role].cache.values())
+        roles = ROLES if variant == "tma" else ("gate_up",)  # only gate_up gathers, so only it permutes
+        return all(tuners[role].cache and all(moe_mod._variant(c) == variant for c in tuners[role].cache.values())
                    for role in roles)
 
     yield ran
-    for tuner in moe_mod._TUNED_MM.values():
+    for tuner in tuners.values():
         tuner.cache.clear()
 
 
